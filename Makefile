@@ -1,0 +1,47 @@
+# The two commands a new user needs: `make demo` and `make test`.
+# Both create .venv on first use and install the exact versions in constraints.txt.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: install demo test test-fast lint lock bench clean
+
+# torch/torchvision first and pinned: transformers' Qwen-VL image processors need torchvision,
+# and this exact pair is the one every machine of the team (and CI) installs.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade "pip==26.3" "setuptools==84.2.1" "wheel==0.48.0"
+	$(BIN)/python -m pip install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+data/raw/demo_summary.json: | $(VENV)/.installed
+	$(BIN)/defectvlm demo-data --out data/raw
+
+demo: $(VENV)/.installed data/raw/demo_summary.json
+	$(BIN)/dvc repro
+	@echo "demo done: see data/01_ingested/ingest_report.json"
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest
+
+test-fast: $(VENV)/.installed
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check src tests benchmarks
+
+bench: $(VENV)/.installed
+	$(BIN)/python benchmarks/bench_ingest.py
+
+# Re-resolve and pin every dependency (run after changing pyproject.toml).
+lock: $(VENV)/.installed
+	{ echo "# Exact versions of everything \`make\` installs (regenerate with \`make lock\`)."; \
+	  echo "# A commit plus a data version reproduce the same environment from this file."; \
+	  $(BIN)/python -m pip freeze --exclude-editable | grep -v "^defectvlm"; } > constraints.txt
+
+clean:
+	rm -rf $(VENV) data runs reports .pytest_cache .hypothesis

@@ -1,0 +1,168 @@
+"""`defectvlm <step>`: one subcommand per step. Each reads its inputs, calls the step's
+function with parameters from params.yaml (plus `-S key=value` overrides), and writes
+its outputs atomically. Exit codes: 0 ok, 1 the data breaks a rule, 2 bad parameters."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from defectvlm.config import ConfigError, Params, field_docs, load_params, params_from_dict, params_to_dict
+from defectvlm.errors import StepFailure
+from defectvlm.io import write_json_atomic, write_jsonl_atomic
+
+console = Console(stderr=True, soft_wrap=True)
+
+
+def _load(args: argparse.Namespace) -> Params:
+    params = load_params(args.params)
+    if not args.set:
+        return params
+    raw = params_to_dict(params)
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"-S {item}: expected key=value")
+        section = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            section = section.setdefault(part, {})
+            if not isinstance(section, dict):
+                raise ConfigError(f"-S {key}: {part} is not a section")
+        section[leaf] = yaml.safe_load(value)
+    return params_from_dict(raw)
+
+
+def cmd_params(args: argparse.Namespace) -> int:
+    params = _load(args)
+    table = Table("key", "value", "meaning", title=f"parameters ({args.params})")
+    values = params_to_dict(params)
+    for key, doc, _ in field_docs():
+        value = values
+        for part in key.split("."):
+            value = value[part]
+        table.add_row(key, repr(value), doc)
+    Console().print(table)
+    return 0
+
+
+def cmd_demo_data(args: argparse.Namespace) -> int:
+    from defectvlm.data.demo import generate_demo
+
+    summary = generate_demo(
+        Path(args.out),
+        seed=args.seed,
+        n_abnormal=args.n_abnormal,
+        n_normal=args.n_normal,
+        label_format=args.label_format,
+        workers=args.workers,
+    )
+    console.print(
+        f"demo data in {args.out}: {summary.n_abnormal} abnormal, {summary.n_normal} normal images, "
+        f"{summary.n_boxes} boxes ({summary.label_format} labels)"
+    )
+    return 0
+
+
+def cmd_scan_labels(args: argparse.Namespace) -> int:
+    from defectvlm.data.ingest import scan
+    from defectvlm.data.label_stats import label_map_block, label_stats
+
+    params = _load(args)
+    stats = label_stats(scan(params), params)
+    write_json_atomic(args.out, stats)
+    table = Table("raw label", "boxes", "images", "maps to", title="raw labels")
+    for raw, info in stats["raw_labels"].items():
+        table.add_row(raw, str(info["boxes"]), str(info["images"]), str(info["maps_to"] or "?"))
+    console.print(table)
+    console.print(f"boxes per image: {stats['boxes_per_image']}")
+    console.print(f"box width px: {stats['box_width_px']}  height px: {stats['box_height_px']}")
+    for problem in stats["problems"]:
+        console.print(f"[yellow]problem[/]: {problem}", markup=True, highlight=False)
+    console.print(f"wrote {args.out}; paste this into params.yaml:")
+    sys.stdout.write(label_map_block(stats))
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from defectvlm.data.ingest import build_manifest, scan
+
+    params = _load(args)
+    out = Path(args.out)
+    result = build_manifest(scan(params, progress=not args.quiet), params)
+    write_jsonl_atomic(out / "manifest.jsonl", result.manifest)
+    write_json_atomic(out / "ingest_report.json", result.report)
+    _print_ingest_summary(result.report)
+    for message in result.fatal:
+        console.print(f"[red]error[/]: {message}", highlight=False)
+    return 1 if result.fatal else 0
+
+
+def _print_ingest_summary(report: dict) -> None:
+    table = Table("kind", "accepted", "repaired", "rejected", title="ingest")
+    for kind, counts in report["counts_by_kind"].items():
+        table.add_row(kind, *(str(counts[s]) for s in ("accepted", "repaired", "rejected")))
+    c = report["counts"]
+    table.add_row("all files", str(c["accepted"]), str(c["repaired"]), str(c["rejected"]), style="bold")
+    console.print(table)
+    images = report["images"]
+    console.print(
+        f"manifest: {images['in_manifest']} images ({images['abnormal']} abnormal, {images['normal']} normal), "
+        f"{images['boxes']} boxes {images['boxes_per_class']}"
+    )
+    if report["reasons"]:
+        console.print("reasons: " + ", ".join(f"{k}={v}" for k, v in report["reasons"].items()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="defectvlm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def step(name: str, func, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
+        p.add_argument(
+            "-S", "--set", action="append", metavar="KEY=VALUE", help="override a parameter, e.g. -S ingest.workers=1"
+        )
+        p.set_defaults(func=func)
+        return p
+
+    step("params", cmd_params, "Show every parameter with its value and meaning.")
+
+    p = sub.add_parser("demo-data", help="Write the synthetic demo dataset (deterministic).")
+    p.add_argument("--out", default="data/raw", help="output folder (default: data/raw)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-abnormal", type=int, default=120)
+    p.add_argument("--n-normal", type=int, default=120)
+    p.add_argument("--label-format", choices=("semicolon", "yolo", "labelstudio"), default="semicolon")
+    p.add_argument("--workers", type=int, default=2, help="processes (output is identical for any number)")
+    p.set_defaults(func=cmd_demo_data)
+
+    p = step("scan-labels", cmd_scan_labels, "Label distribution, box sizes, and a label_map block to paste.")
+    p.add_argument("--out", default="data/label_stats.json", help="statistics file (default: data/label_stats.json)")
+
+    p = step("ingest", cmd_ingest, "Both image trees -> manifest.jsonl + ingest_report.json (every file accounted for).")
+    p.add_argument("--out", default="data/01_ingested", help="output folder (default: data/01_ingested)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        console.print(f"[red]parameter error[/]: {exc}", highlight=False)
+        return 2
+    except StepFailure as exc:
+        console.print(f"[red]error[/]: {exc}", highlight=False)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

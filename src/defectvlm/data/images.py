@@ -1,0 +1,99 @@
+"""Cheap image facts: content hash, size and EXIF orientation from the header, truncation check.
+
+`probe_image` reads a file's bytes once: they feed the content hash and Pillow's header
+parser (which decodes no pixels). A JPEG or PNG whose end marker is missing is reported
+as truncated; `verify="full"` also decodes every pixel.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import blake3
+from PIL import Image, UnidentifiedImageError
+
+EXIF_ORIENTATION_TAG = 0x0112
+_SWAPS_AXES = {5, 6, 7, 8}
+
+
+@dataclass(frozen=True)
+class ImageProbe:
+    blake3: str
+    size_bytes: int
+    format: str | None = None
+    stored_size: tuple[int, int] | None = None  # width, height of the pixel array as stored
+    orientation: int = 1  # EXIF orientation, 1 = upright
+    error: str | None = None  # reason code when the file is not a usable image
+    detail: str | None = None
+
+    @property
+    def display_size(self) -> tuple[int, int]:
+        """Width, height as a viewer (and our loader, which applies EXIF) shows the image."""
+        w, h = self.stored_size
+        return (h, w) if self.orientation in _SWAPS_AXES else (w, h)
+
+
+def probe_image(path: str, verify: str = "header") -> ImageProbe:
+    with open(path, "rb") as handle:
+        data = handle.read()
+    return probe_bytes(data, verify)
+
+
+def probe_bytes(data: bytes, verify: str = "header") -> ImageProbe:
+    digest = blake3.blake3(data).hexdigest()
+    base = {"blake3": digest, "size_bytes": len(data)}
+    if not data:
+        return ImageProbe(**base, error="empty_file", detail="the file is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            orientation = int(image.getexif().get(EXIF_ORIENTATION_TAG, 1) or 1)
+            if verify == "full":
+                image.load()
+    except UnidentifiedImageError:
+        return ImageProbe(**base, error="not_an_image", detail="not a format Pillow can read")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
+        code = "truncated_image" if "truncated" in str(exc) else "unreadable_image"
+        return ImageProbe(**base, error=code, detail=str(exc) or type(exc).__name__)
+    found = {**base, "format": image.format, "stored_size": image.size, "orientation": orientation}
+    if not 1 <= orientation <= 8:
+        return ImageProbe(**found, error="bad_exif_orientation", detail=f"EXIF orientation {orientation}")
+    if _missing_end_marker(image.format, data):
+        return ImageProbe(**found, error="truncated_image", detail=f"{image.format} end marker missing")
+    return ImageProbe(**found)
+
+
+def _missing_end_marker(fmt: str | None, data: bytes) -> bool:
+    if fmt == "JPEG":
+        # The main image's scan is the last SOS (FFDA); its data never holds FFD9 (byte stuffing),
+        # so an intact file has an EOI after it. Trailers after the EOI are allowed.
+        return data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda")
+    if fmt == "PNG":
+        return b"IEND" not in data[-12:]
+    return False
+
+
+def stored_to_display(
+    xyxy: tuple[float, float, float, float], orientation: int, stored_size: tuple[int, int]
+) -> tuple[float, float, float, float]:
+    """Map a box on the stored pixel array to the displayed (EXIF-applied) frame."""
+    w, h = stored_size
+    points = [_map_point(x, y, orientation, w, h) for x, y in ((xyxy[0], xyxy[1]), (xyxy[2], xyxy[3]))]
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    return (min(xs), min(ys), max(xs), max(ys))
+
+
+def _map_point(x: float, y: float, orientation: int, w: int, h: int) -> tuple[float, float]:
+    return {
+        1: (x, y),
+        2: (w - x, y),
+        3: (w - x, h - y),
+        4: (x, h - y),
+        5: (y, x),
+        6: (h - y, x),
+        7: (h - y, w - x),
+        8: (y, w - x),
+    }[orientation]

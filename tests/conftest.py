@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from defectvlm.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_params(path: Path, overrides: dict) -> Path:
+    """params.yaml = the repo's params.yaml with `overrides` merged in (section by section)."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    for section, values in overrides.items():
+        params.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def run_cli(*args: str) -> int:
+    return main([str(a) for a in args])
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+@pytest.fixture
+def params_file(tmp_path: Path):
+    def make(**sections: dict) -> Path:
+        return write_params(tmp_path / "params.yaml", sections)
+
+    return make
