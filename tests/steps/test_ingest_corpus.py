@@ -120,3 +120,11 @@ def test_missing_root_is_a_clear_error(tmp_path, capsys):
     params = write_params(tmp_path / "params.yaml", {"data": {"abnormal_root": str(tmp_path / "nope"), "normal_root": str(tmp_path)}})
     assert run_cli("ingest", "--params", params, "--out", tmp_path / "out") == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_every_reason_code_is_documented_in_the_readme(ingested):
+    root, _ = ingested
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    report = read_json(root / "out" / "ingest_report.json")
+    undocumented = {code for code in report["reasons"] if f"`{code}`" not in readme} - {"class_names_used"}
+    assert not undocumented

@@ -45,7 +45,7 @@ def test_fullwidth_digits_fold_to_ascii():
         ("a.jpg;1,2,3;slag", "coords_not_multiple_of_4"),
         ("a.jpg;1,2,x,4;slag", "bad_number"),
         ("a.jpg 1 2 3 4 slag", "bad_columns"),
-        ("a.jpg;1,2,3,4;", "missing_label"),
+        ("a.jpg;1,2,3,4;", "missing_type"),
         ("a.jpg;;slag", "no_coordinates"),
     ],
 )

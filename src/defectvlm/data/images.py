@@ -8,8 +8,11 @@ as truncated; `verify="full"` also decodes every pixel.
 from __future__ import annotations
 
 import io
+import mmap
+import os
 import warnings
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import blake3
 from PIL import Image, UnidentifiedImageError
@@ -36,20 +39,27 @@ class ImageProbe:
 
 
 def probe_image(path: str, verify: str = "header") -> ImageProbe:
+    """Probe a file: its bytes are memory-mapped for the hash, Pillow reads only the header."""
     with open(path, "rb") as handle:
-        data = handle.read()
-    return probe_bytes(data, verify)
+        if os.fstat(handle.fileno()).st_size == 0:
+            return probe_bytes(b"", verify)
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return _probe(data, handle, verify)
 
 
 def probe_bytes(data: bytes, verify: str = "header") -> ImageProbe:
-    digest = blake3.blake3(data).hexdigest()
-    base = {"blake3": digest, "size_bytes": len(data)}
-    if not data:
+    return _probe(data, io.BytesIO(data), verify)
+
+
+def _probe(data: bytes | mmap.mmap, stream: BinaryIO, verify: str) -> ImageProbe:
+    base = {"blake3": blake3.blake3(data).hexdigest(), "size_bytes": len(data)}
+    if not len(data):
         return ImageProbe(**base, error="empty_file", detail="the file is empty")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(stream)
+            header_end = stream.tell()
             orientation = int(image.getexif().get(EXIF_ORIENTATION_TAG, 1) or 1)
             if verify == "full":
                 image.load()
@@ -61,16 +71,17 @@ def probe_bytes(data: bytes, verify: str = "header") -> ImageProbe:
     found = {**base, "format": image.format, "stored_size": image.size, "orientation": orientation}
     if not 1 <= orientation <= 8:
         return ImageProbe(**found, error="bad_exif_orientation", detail=f"EXIF orientation {orientation}")
-    if _missing_end_marker(image.format, data):
+    if _missing_end_marker(image.format, data, header_end):
         return ImageProbe(**found, error="truncated_image", detail=f"{image.format} end marker missing")
     return ImageProbe(**found)
 
 
-def _missing_end_marker(fmt: str | None, data: bytes) -> bool:
+def _missing_end_marker(fmt: str | None, data: bytes | mmap.mmap, header_end: int) -> bool:
     if fmt == "JPEG":
-        # The main image's scan is the last SOS (FFDA); its data never holds FFD9 (byte stuffing),
-        # so an intact file has an EOI after it. Trailers after the EOI are allowed.
-        return data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda")
+        # Pillow stops reading at the main image's start-of-scan; entropy-coded data never
+        # holds FFD9 (byte stuffing), so an intact file has an EOI after that point. Searching
+        # backwards finds it at once; trailers after the EOI are allowed.
+        return data.rfind(b"\xff\xd9", header_end) == -1
     if fmt == "PNG":
         return b"IEND" not in data[-12:]
     return False

@@ -115,7 +115,7 @@ def parse_semicolon(text: str, coord_format: str = "xyxy") -> list[RawBox]:
         filename = line[: positions[0]].strip()
         label = line[positions[-1] + 1 :].strip()
         if not label:
-            raise LabelError("missing_label", "the defect type column is empty", number)
+            raise LabelError("missing_type", "the defect type column is empty", number)
         values = parse_numbers(line[positions[0] + 1 : positions[-1]], number)
         if len(values) % 4:
             raise LabelError(
