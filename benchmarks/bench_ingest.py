@@ -70,7 +70,10 @@ def time_ingest(work: Path, subdir: str, workers: int) -> tuple[float, int]:
     params.write_text(
         json.dumps(
             {
-                "data": {"abnormal_root": str(work / "abnormal_root" / subdir), "normal_root": str(work / "normal_root" / subdir)},
+                "data": {
+                    "abnormal_root": str(work / "abnormal_root" / subdir),
+                    "normal_root": str(work / "normal_root" / subdir),
+                },
                 "labels": {"label_map": {"灰渣": "slag"}},
                 "ingest": {"workers": workers},
             }

@@ -146,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = step("scan-labels", cmd_scan_labels, "Label distribution, box sizes, and a label_map block to paste.")
     p.add_argument("--out", default="data/label_stats.json", help="statistics file (default: data/label_stats.json)")
 
-    p = step("ingest", cmd_ingest, "Both image trees -> manifest.jsonl + ingest_report.json (every file accounted for).")
+    p = step(
+        "ingest", cmd_ingest, "Both image trees -> manifest.jsonl + ingest_report.json (every file accounted for)."
+    )
     p.add_argument("--out", default="data/01_ingested", help="output folder (default: data/01_ingested)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser

@@ -201,8 +201,11 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         return {str(k): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if hint is bool and not isinstance(value, bool) or not isinstance(value, hint) or (
-        hint is int and isinstance(value, bool)
+    if (
+        hint is bool
+        and not isinstance(value, bool)
+        or not isinstance(value, hint)
+        or (hint is int and isinstance(value, bool))
     ):
         _fail(key, f"expected {hint.__name__}, got {type(value).__name__} {value!r}")
     return value

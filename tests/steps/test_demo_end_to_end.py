@@ -13,8 +13,12 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize("label_format", ["semicolon", "yolo", "labelstudio"])
 def test_demo_scan_ingest_accounts_for_every_file(tmp_path, label_format, capsys):
     raw = tmp_path / "raw"
-    assert run_cli("demo-data", "--out", raw, "--n-abnormal", 12, "--n-normal", 8, "--seed", 3,
-                   "--label-format", label_format) == 0
+    assert (
+        run_cli(
+            "demo-data", "--out", raw, "--n-abnormal", 12, "--n-normal", 8, "--seed", 3, "--label-format", label_format
+        )
+        == 0
+    )
     params = write_params(
         tmp_path / "params.yaml",
         {"data": {"abnormal_root": str(raw / "abnormal_root"), "normal_root": str(raw / "normal_root")}},

@@ -59,7 +59,10 @@ def test_rejected_label_lines_are_named_in_messages(ingested):
     root, _ = ingested
     report = read_json(root / "out" / "ingest_report.json")
     by_rel = {str(Path(f["path"]).relative_to(root)): f for f in report["files"]}
-    assert any(m.endswith("not4.txt:1: 3 numbers in the coordinate field (4 per box)") for m in by_rel["abnormal_root/bad/not4.txt"]["messages"])
+    assert any(
+        m.endswith("not4.txt:1: 3 numbers in the coordinate field (4 per box)")
+        for m in by_rel["abnormal_root/bad/not4.txt"]["messages"]
+    )
     assert any("line 1" in m and "裂纹" in m for m in by_rel["abnormal_root/bad/unknown.jpg"]["messages"])
 
 
@@ -91,7 +94,10 @@ def test_unknown_label_policies(tmp_path):
     results = {}
     for policy in ("other", "drop"):
         overrides = json.loads(json.dumps(CORPUS_PARAMS))
-        overrides["data"] = {"abnormal_root": str(tmp_path / "abnormal_root"), "normal_root": str(tmp_path / "normal_root")}
+        overrides["data"] = {
+            "abnormal_root": str(tmp_path / "abnormal_root"),
+            "normal_root": str(tmp_path / "normal_root"),
+        }
         overrides["labels"]["unknown_label"] = policy
         params = write_params(tmp_path / f"{policy}.yaml", overrides)
         assert run_cli("ingest", "--params", params, "--out", tmp_path / policy, "--quiet") == 0
@@ -117,7 +123,9 @@ def test_too_many_rejects_exit_1_with_message_not_traceback(tmp_path, capsys):
 
 
 def test_missing_root_is_a_clear_error(tmp_path, capsys):
-    params = write_params(tmp_path / "params.yaml", {"data": {"abnormal_root": str(tmp_path / "nope"), "normal_root": str(tmp_path)}})
+    params = write_params(
+        tmp_path / "params.yaml", {"data": {"abnormal_root": str(tmp_path / "nope"), "normal_root": str(tmp_path)}}
+    )
     assert run_cli("ingest", "--params", params, "--out", tmp_path / "out") == 1
     assert "does not exist" in capsys.readouterr().err
 

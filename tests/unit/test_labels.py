@@ -72,8 +72,11 @@ def test_yolo_and_class_names():
     assert box.label == "streak" and box.xyxy == pytest.approx((0.4, 0.3, 0.6, 0.7))
     assert parse_class_names("names: {0: a, 1: b}\n", is_yaml=True) == ["a", "b"]
     assert parse_class_names("names: [a, b]\n", is_yaml=True) == ["a", "b"]
-    for text, code in [("3 0.5 0.5 0.1 0.1", "bad_class_index"), ("0 300 200 40 40", "not_normalised"),
-                       ("0 0.5 0.5 0.1", "bad_columns")]:
+    for text, code in [
+        ("3 0.5 0.5 0.1 0.1", "bad_class_index"),
+        ("0 300 200 40 40", "not_normalised"),
+        ("0 0.5 0.5 0.1", "bad_columns"),
+    ]:
         with pytest.raises(LabelError) as info:
             parse_yolo(text, names)
         assert info.value.code == code
@@ -83,11 +86,22 @@ def test_yolo_and_class_names():
 
 def test_labelstudio_export():
     export = [
-        {"data": {"image": "/data/upload/3/ab12cd34-img_1.jpg"}, "annotations": [{"result": [
-            {"type": "rectanglelabels", "original_width": 200, "original_height": 100,
-             "value": {"x": 10, "y": 20, "width": 30, "height": 40, "rectanglelabels": ["灰渣"]}},
-            {"type": "choices", "value": {"choices": ["x"]}},
-        ]}]},
+        {
+            "data": {"image": "/data/upload/3/ab12cd34-img_1.jpg"},
+            "annotations": [
+                {
+                    "result": [
+                        {
+                            "type": "rectanglelabels",
+                            "original_width": 200,
+                            "original_height": 100,
+                            "value": {"x": 10, "y": 20, "width": 30, "height": 40, "rectanglelabels": ["灰渣"]},
+                        },
+                        {"type": "choices", "value": {"choices": ["x"]}},
+                    ]
+                }
+            ],
+        },
         {"data": {"image": "/data/local-files/?d=batch/img_2.jpg"}, "annotations": []},
     ]
     first, second = parse_labelstudio(json.dumps(export, ensure_ascii=False))
@@ -117,7 +131,9 @@ box = st.tuples(coordinate, coordinate, coordinate, coordinate)
 label = st.sampled_from(["灰渣", "条纹", "过熔", "铺粉不完全", "slag", "streak defect"])
 column = st.sampled_from([";", "；", " ; ", "； ", " ；"])
 inner = st.sampled_from(["；", ";", "，", ",", " ", "  ", "\t", " , ", "； "])
-line_group = st.tuples(st.lists(box, min_size=1, max_size=4), label, column, column, st.lists(inner, min_size=16, max_size=16))
+line_group = st.tuples(
+    st.lists(box, min_size=1, max_size=4), label, column, column, st.lists(inner, min_size=16, max_size=16)
+)
 
 
 @settings(max_examples=300, deadline=None)

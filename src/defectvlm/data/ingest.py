@@ -20,7 +20,6 @@ from typing import Literal
 from tqdm import tqdm
 
 from defectvlm.config import Params
-from defectvlm.errors import StepFailure
 from defectvlm.data.images import ImageProbe, probe_image, stored_to_display
 from defectvlm.data.labels import (
     LabelError,
@@ -32,6 +31,7 @@ from defectvlm.data.labels import (
     parse_label_text,
     parse_labelstudio,
 )
+from defectvlm.errors import StepFailure
 
 Root = Literal["abnormal", "normal"]
 Status = Literal["accepted", "repaired", "rejected"]
@@ -246,7 +246,9 @@ def attach_labels(
         suffix = PurePosixPath(f.rel).suffix.lower()
         if suffix == ".json":
             if f.root == "normal" or fmt not in ("auto", "labelstudio"):
-                outcome.reject("unsupported_file", f"{f.path}: JSON is read only as a Label Studio export in abnormal_root")
+                outcome.reject(
+                    "unsupported_file", f"{f.path}: JSON is read only as a Label Studio export in abnormal_root"
+                )
                 continue
             _attach_labelstudio(f, outcome, by_name, pair)
             continue
@@ -260,7 +262,9 @@ def attach_labels(
         if len(matches) > 1:
             for image in matches:
                 pair(image, LabelError("ambiguous_label", f"{f.path} could describe several images"), f)
-            outcome.reject("ambiguous_label", f"{f.path}: several images share its name: {', '.join(m.path for m in matches)}")
+            outcome.reject(
+                "ambiguous_label", f"{f.path}: several images share its name: {', '.join(m.path for m in matches)}"
+            )
             continue
         try:
             names = _class_names_for(f, files, outcomes) if fmt in ("auto", "yolo") else None
@@ -288,8 +292,9 @@ def _attach_labelstudio(f: FoundFile, outcome: Outcome, by_name, pair) -> None:
             candidates = by_name.get(stripped, [])
         if len(candidates) != 1:
             problem = "orphan_task" if not candidates else "ambiguous_task"
-            outcome.repair(problem, f"{f.path}: task #{task_number} names {labels.image_ref!r}, "
-                           f"matching {len(candidates)} images")
+            outcome.repair(
+                problem, f"{f.path}: task #{task_number} names {labels.image_ref!r}, matching {len(candidates)} images"
+            )
             continue
         pair(candidates[0], labels, f)
 
@@ -297,9 +302,7 @@ def _attach_labelstudio(f: FoundFile, outcome: Outcome, by_name, pair) -> None:
 def _class_names_for(label: FoundFile, files: list[FoundFile], outcomes: dict[str, Outcome]) -> list[str] | None:
     """The nearest classes.txt / data.yaml at or above the label's folder, within its root."""
     folder = PurePosixPath(label.rel).parent
-    candidates = {
-        PurePosixPath(f.rel): f for f in files if f.kind == "class_names" and f.root == label.root
-    }
+    candidates = {PurePosixPath(f.rel): f for f in files if f.kind == "class_names" and f.root == label.root}
     for parent in (folder, *folder.parents):
         for name, is_yaml in CLASS_NAME_FILES.items():
             source = candidates.get(parent / name)
@@ -367,7 +370,9 @@ def _boxes(f: FoundFile, labels: Labels, outcome: Outcome, params: Params, unkno
     on_stored = params.ingest.exif_policy == "labels_on_stored" and probe.orientation != 1
     frame_w, frame_h = probe.stored_size if on_stored else (width, height)
     if labels.declared_size and labels.declared_size != (frame_w, frame_h):
-        outcome.reject("size_mismatch", f"{f.path}: labels made on a {labels.declared_size} image, file is {(frame_w, frame_h)}")
+        outcome.reject(
+            "size_mismatch", f"{f.path}: labels made on a {labels.declared_size} image, file is {(frame_w, frame_h)}"
+        )
         return []
     stem = PurePosixPath(f.rel).stem.lower()
     boxes = []
@@ -390,7 +395,9 @@ def _boxes(f: FoundFile, labels: Labels, outcome: Outcome, params: Params, unkno
             if policy == "drop":
                 outcome.repair("unknown_label_dropped", f"{where}: box with unknown label {box.label!r} dropped")
                 continue
-            outcome.repair("unknown_label_as_other", f"{where}: unknown label {box.label!r} mapped to {UNKNOWN_CLASS!r}")
+            outcome.repair(
+                "unknown_label_as_other", f"{where}: unknown label {box.label!r} mapped to {UNKNOWN_CLASS!r}"
+            )
             canonical = UNKNOWN_CLASS
         x1, y1, x2, y2 = box.xyxy
         if labels.frame == "unit":
@@ -447,7 +454,9 @@ def _report(files: list[FoundFile], outcomes: dict[str, Outcome], manifest: list
     boxes_per_class = Counter(b["cls"] for r in manifest for b in r["boxes"])
     return {
         "counts": {s: counts[s] for s in ("accepted", "repaired", "rejected")} | {"total": len(entries)},
-        "counts_by_kind": {k: {s: v[s] for s in ("accepted", "repaired", "rejected")} for k, v in sorted(by_kind.items())},
+        "counts_by_kind": {
+            k: {s: v[s] for s in ("accepted", "repaired", "rejected")} for k, v in sorted(by_kind.items())
+        },
         "images": {
             "found": sum(images.values()),
             "in_manifest": len(manifest),

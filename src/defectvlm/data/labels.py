@@ -217,9 +217,7 @@ def detect_format(text: str) -> str:
     return "empty"
 
 
-def parse_label_text(
-    data: bytes, fmt: str, coord_format: str = "xyxy", class_names: list[str] | None = None
-) -> Labels:
+def parse_label_text(data: bytes, fmt: str, coord_format: str = "xyxy", class_names: list[str] | None = None) -> Labels:
     """Parse one per-image label file (.txt) in `fmt` ('auto' decides from the content)."""
     text, encoding = decode_text(data)
     if fmt == "auto":
