@@ -88,6 +88,11 @@ def time_ingest(work: Path, subdir: str, workers: int) -> tuple[float, int]:
     return elapsed, report["images"]["found"]
 
 
+def median_time(run, repeats: int) -> tuple[float, int]:
+    results = sorted(run() for _ in range(repeats))
+    return results[len(results) // 2]
+
+
 def decode(path: str) -> tuple[int, int]:
     with Image.open(path) as image:
         return image.convert("RGB").size
@@ -110,6 +115,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("benchmarks/_work"))
     parser.add_argument("--workers", type=int, default=0, help="ingest.workers (0 = one per core)")
     parser.add_argument("--decode-sample", type=int, default=400)
+    parser.add_argument("--repeats", type=int, default=3, help="timed ingest runs per size (median)")
     parser.add_argument("--keep", action="store_true", help="keep the generated images")
     args = parser.parse_args()
 
@@ -123,9 +129,9 @@ def main() -> None:
     sizes = [p.stat().st_size for p in (work / "normal_root").rglob("*.jpg")]
     print(f"mean JPEG size {np.mean(sizes) / 1e6:.2f} MB")
 
-    time_ingest(work, "part1", args.workers)  # warm the page cache once
-    t_n, n = time_ingest(work, "part1", args.workers)
-    t_2n, n2 = time_ingest(work, "", args.workers)
+    time_ingest(work, "", args.workers)  # warm the page cache once
+    t_n, n = median_time(lambda: time_ingest(work, "part1", args.workers), args.repeats)
+    t_2n, n2 = median_time(lambda: time_ingest(work, "", args.workers), args.repeats)
     paths = sorted(str(p) for p in (work / "normal_root" / "part1").rglob("*.jpg"))[: args.decode_sample]
     t_dec1 = time_decode(paths, 1) / len(paths)
     t_dec2 = time_decode(paths, os.cpu_count() or 1) / len(paths)

@@ -54,14 +54,17 @@ def cmd_params(args: argparse.Namespace) -> int:
 def cmd_demo_data(args: argparse.Namespace) -> int:
     from defectvlm.data.demo import generate_demo
 
-    summary = generate_demo(
-        Path(args.out),
-        seed=args.seed,
-        n_abnormal=args.n_abnormal,
-        n_normal=args.n_normal,
-        label_format=args.label_format,
-        workers=args.workers,
-    )
+    try:
+        summary = generate_demo(
+            Path(args.out),
+            seed=args.seed,
+            n_abnormal=args.n_abnormal,
+            n_normal=args.n_normal,
+            label_format=args.label_format,
+            workers=args.workers,
+        )
+    except ValueError as exc:
+        raise StepFailure(str(exc)) from None
     console.print(
         f"demo data in {args.out}: {summary.n_abnormal} abnormal, {summary.n_normal} normal images, "
         f"{summary.n_boxes} boxes ({summary.label_format} labels)"

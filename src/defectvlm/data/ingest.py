@@ -10,7 +10,9 @@ reason is a short code; messages name the file and line.
 from __future__ import annotations
 
 import os
+import posixpath
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from itertools import repeat
@@ -99,8 +101,8 @@ def scan(params: Params, progress: bool = True) -> list[FoundFile]:
         if not Path(folder).is_dir():
             raise StepFailure(f"data.{root}_root: folder {folder!r} does not exist")
         for rel in _walk(folder):
-            name = PurePosixPath(rel).name
-            suffix = PurePosixPath(rel).suffix.lower()
+            name = posixpath.basename(rel)
+            suffix = posixpath.splitext(name)[1].lower()
             if suffix in extensions:
                 kind = "image"
             elif name.lower() in CLASS_NAME_FILES:
@@ -112,35 +114,51 @@ def scan(params: Params, progress: bool = True) -> list[FoundFile]:
             found.append(FoundFile(root, rel, os.path.join(folder, rel), kind))
 
     images = [f for f in found if f.kind == "image"]
-    probes = _probe_all([f.path for f in images], ingest.verify, ingest.workers, progress)
+    texts: dict[str, bytes] = {}
+
+    def read_texts() -> None:
+        for f in found:
+            if f.kind in ("label", "class_names"):
+                texts[f.path] = Path(f.path).read_bytes()
+
+    probes = _probe_all([f.path for f in images], ingest.verify, ingest.workers, progress, while_waiting=read_texts)
     by_path = dict(zip((f.path for f in images), probes, strict=True))
-    result = []
-    for f in found:
-        if f.kind == "image":
-            f = replace(f, probe=by_path[f.path])
-        elif f.kind in ("label", "class_names"):
-            f = replace(f, data=Path(f.path).read_bytes())
-        result.append(f)
-    return result
+    return [replace(f, probe=by_path.get(f.path), data=texts.get(f.path)) for f in found]
 
 
 def _walk(folder: str) -> list[str]:
-    rels = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames.sort()
-        for name in filenames:
-            rels.append(Path(os.path.relpath(os.path.join(dirpath, name), folder)).as_posix())
+    """Relative POSIX paths of every file under `folder`; symlinked folders are followed once."""
+    rels, pending, seen = [], [""], set()
+    while pending:
+        prefix = pending.pop()
+        directory = os.path.join(folder, prefix)
+        real = os.path.realpath(directory)
+        if real in seen:
+            continue
+        seen.add(real)
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.is_dir():
+                    pending.append(f"{prefix}{entry.name}/")
+                else:
+                    rels.append(prefix + entry.name)
     return sorted(rels)
 
 
-def _probe_all(paths: list[str], verify: str, workers: int, progress: bool) -> list[ImageProbe]:
+def _probe_all(
+    paths: list[str], verify: str, workers: int, progress: bool, while_waiting: Callable[[], None]
+) -> list[ImageProbe]:
+    """Probe images in a process pool; `while_waiting` runs in this process meanwhile."""
     workers = workers or os.cpu_count() or 1
-    bar = dict(total=len(paths), desc="probe images", unit="img", disable=not progress or None)
+    bar = {"total": len(paths), "desc": "probe images", "unit": "img", "disable": not progress or None}
     if workers == 1 or len(paths) < _MIN_FILES_FOR_POOL:
+        while_waiting()
         return [probe_image(p, verify) for p in tqdm(paths, **bar)]
     chunk = max(1, min(256, len(paths) // (workers * 8)))
     with ProcessPoolExecutor(workers) as pool:
-        return list(tqdm(pool.map(probe_image, paths, repeat(verify), chunksize=chunk), **bar))
+        results = pool.map(probe_image, paths, repeat(verify), chunksize=chunk)
+        while_waiting()
+        return list(tqdm(results, **bar))
 
 
 # --- the step's logic ------------------------------------------------------------------
@@ -227,8 +245,9 @@ def attach_labels(
     for f in images:
         by_stem[(f.root, _stem_key(f.rel))].append(f)
         if f.root == "abnormal":
-            by_name[PurePosixPath(f.rel).name.lower()].append(f)
+            by_name[posixpath.basename(f.rel).lower()].append(f)
 
+    name_files = {(f.root, PurePosixPath(f.rel)): f for f in files if f.kind == "class_names"}
     labels_of: dict[str, Labels | LabelError] = {}
     sources: dict[str, list[str]] = defaultdict(list)
 
@@ -243,7 +262,7 @@ def attach_labels(
         if f.kind != "label":
             continue
         outcome = outcomes[f.path]
-        suffix = PurePosixPath(f.rel).suffix.lower()
+        suffix = posixpath.splitext(f.rel)[1].lower()
         if suffix == ".json":
             if f.root == "normal" or fmt not in ("auto", "labelstudio"):
                 outcome.reject(
@@ -267,8 +286,9 @@ def attach_labels(
             )
             continue
         try:
-            names = _class_names_for(f, files, outcomes) if fmt in ("auto", "yolo") else None
-            labels = parse_label_text(f.data, fmt, params.labels.coord_format, names)
+            labels = parse_label_text(
+                f.data, fmt, params.labels.coord_format, lambda f=f: _class_names_for(f, name_files, outcomes)
+            )
         except LabelError as exc:
             outcome.reject(exc.code, exc.located(f.path))
             pair(matches[0], LabelError(exc.code, f"label {exc.located(f.path)}"), f)
@@ -299,13 +319,14 @@ def _attach_labelstudio(f: FoundFile, outcome: Outcome, by_name, pair) -> None:
         pair(candidates[0], labels, f)
 
 
-def _class_names_for(label: FoundFile, files: list[FoundFile], outcomes: dict[str, Outcome]) -> list[str] | None:
+def _class_names_for(
+    label: FoundFile, name_files: dict[tuple[Root, PurePosixPath], FoundFile], outcomes: dict[str, Outcome]
+) -> list[str] | None:
     """The nearest classes.txt / data.yaml at or above the label's folder, within its root."""
     folder = PurePosixPath(label.rel).parent
-    candidates = {PurePosixPath(f.rel): f for f in files if f.kind == "class_names" and f.root == label.root}
     for parent in (folder, *folder.parents):
         for name, is_yaml in CLASS_NAME_FILES.items():
-            source = candidates.get(parent / name)
+            source = name_files.get((label.root, parent / name))
             if source is None:
                 continue
             try:
@@ -318,9 +339,12 @@ def _class_names_for(label: FoundFile, files: list[FoundFile], outcomes: dict[st
     return None
 
 
+def _stem(name: str) -> str:
+    return posixpath.splitext(posixpath.basename(name))[0].lower()
+
+
 def _stem_key(rel: str) -> str:
-    path = PurePosixPath(rel)
-    return str(path.parent / path.stem).lower()
+    return posixpath.splitext(rel)[0].lower()
 
 
 def _image_record(
@@ -344,7 +368,7 @@ def _image_record(
         "orientation": probe.orientation,
         "label": f.root,
         "boxes": [],
-        "group": str(PurePosixPath(f.rel).parent),
+        "group": posixpath.dirname(f.rel) or ".",
     }
     if f.root == "normal":
         if isinstance(labels, LabelError):
@@ -374,7 +398,7 @@ def _boxes(f: FoundFile, labels: Labels, outcome: Outcome, params: Params, unkno
             "size_mismatch", f"{f.path}: labels made on a {labels.declared_size} image, file is {(frame_w, frame_h)}"
         )
         return []
-    stem = PurePosixPath(f.rel).stem.lower()
+    stem = _stem(f.rel)
     boxes = []
     for box in labels.boxes:
         where = f"{f.path} (label line {box.line})"
@@ -382,7 +406,7 @@ def _boxes(f: FoundFile, labels: Labels, outcome: Outcome, params: Params, unkno
             if escapes_root(box.filename):
                 outcome.reject("path_escape", f"{where}: filename {box.filename!r} leaves the root")
                 return []
-            if PurePosixPath(image_name(box.filename)).stem.lower() != stem:
+            if _stem(image_name(box.filename)) != stem:
                 outcome.reject("filename_mismatch", f"{where}: filename column {box.filename!r} names another image")
                 return []
         canonical = params.labels.canonical(box.label)

@@ -12,6 +12,7 @@ import codecs
 import json
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import PurePosixPath, PureWindowsPath
 from typing import Literal
@@ -217,8 +218,14 @@ def detect_format(text: str) -> str:
     return "empty"
 
 
-def parse_label_text(data: bytes, fmt: str, coord_format: str = "xyxy", class_names: list[str] | None = None) -> Labels:
-    """Parse one per-image label file (.txt) in `fmt` ('auto' decides from the content)."""
+def parse_label_text(
+    data: bytes,
+    fmt: str,
+    coord_format: str = "xyxy",
+    class_names: Callable[[], list[str] | None] = lambda: None,
+) -> Labels:
+    """Parse one per-image label file (.txt) in `fmt` ('auto' decides from the content).
+    `class_names` is called only for YOLO files, so its lookup costs nothing for the others."""
     text, encoding = decode_text(data)
     if fmt == "auto":
         fmt = detect_format(text)
@@ -227,5 +234,5 @@ def parse_label_text(data: bytes, fmt: str, coord_format: str = "xyxy", class_na
     if fmt == "semicolon":
         return Labels(fmt, encoding, "pixel", tuple(parse_semicolon(text, coord_format)))
     if fmt == "yolo":
-        return Labels(fmt, encoding, "unit", tuple(parse_yolo(text, class_names)))
+        return Labels(fmt, encoding, "unit", tuple(parse_yolo(text, class_names())))
     raise LabelError("unknown_format", f"format {fmt!r} is not a per-image text format")
