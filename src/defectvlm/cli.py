@@ -12,9 +12,9 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from defectvlm.config import ConfigError, Params, field_docs, load_params, params_from_dict, params_to_dict
+from defectvlm.config import SPLITS, ConfigError, Params, field_docs, load_params, params_from_dict, params_to_dict
 from defectvlm.errors import StepFailure
-from defectvlm.io import write_json_atomic, write_jsonl_atomic
+from defectvlm.io import read_jsonl, write_json_atomic, write_jsonl_atomic
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -106,6 +106,58 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 1 if result.fatal else 0
 
 
+def cmd_split(args: argparse.Namespace) -> int:
+    from defectvlm.data.split import split_manifest
+
+    params = _load(args)
+    result = split_manifest(read_jsonl(Path(args.input) / "manifest.jsonl"), params.split)
+    out = Path(args.out)
+    for name, rows in result.splits.items():
+        write_jsonl_atomic(out / f"{name}.jsonl", rows)
+    write_json_atomic(out / "split_report.json", result.report)
+    table = Table("split", "images", "abnormal", "normal", "groups", "share", title="split")
+    for name, counts in result.report["counts"].items():
+        share = f"{result.report['ratios_achieved'][name]:.0%}"
+        table.add_row(name, *(str(counts[k]) for k in ("images", "abnormal", "normal", "groups")), share)
+    console.print(table)
+    for warning in result.report["warnings"]:
+        console.print(f"[yellow]warning[/]: {warning}", highlight=False)
+    return 0
+
+
+def cmd_regions(args: argparse.Namespace) -> int:
+    from defectvlm.data.regions import build_regions
+
+    params = _load(args)
+    splits = {name: read_jsonl(Path(args.input) / f"{name}.jsonl") for name in SPLITS}
+    result = build_regions(splits, params.regions, params.model)
+    out = Path(args.out)
+    for name, rows in result.splits.items():
+        write_jsonl_atomic(out / f"{name}.jsonl", rows)
+    write_json_atomic(out / "regions_summary.json", result.summary)
+    for name, counts in result.summary["splits"].items():
+        console.print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in counts.items() if not isinstance(v, dict)))
+    return 0
+
+
+def cmd_build_sft(args: argparse.Namespace) -> int:
+    from defectvlm.data.sft import build_sft, export_sample, llamafactory_dataset_info, load_knowledge, load_templates
+
+    params = _load(args)
+    fmt = args.format or params.sft.format
+    regions = {name: read_jsonl(Path(args.input) / f"{name}.jsonl") for name in SPLITS}
+    result = build_sft(regions, params.sft, load_templates(params.sft), load_knowledge(params.sft))
+    out = Path(args.out)
+    for name, samples in result.splits.items():
+        write_jsonl_atomic(out / f"{name}.jsonl", (export_sample(s, fmt) for s in samples))
+    if fmt == "llamafactory":
+        write_json_atomic(out / "dataset_info.json", llamafactory_dataset_info())
+    write_json_atomic(out / "sft_summary.json", {"format": fmt, **result.summary})
+    for name, counts in result.summary["splits"].items():
+        console.print(f"{name}: {counts['samples']} samples, tasks {counts['tasks']}, noised {counts['noised']}")
+    return 0
+
+
 def _print_ingest_summary(report: dict) -> None:
     table = Table("kind", "accepted", "repaired", "rejected", title="ingest")
     for kind, counts in report["counts_by_kind"].items():
@@ -154,6 +206,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="data/01_ingested", help="output folder (default: data/01_ingested)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = step("split", cmd_split, "manifest -> train/val/test by group, stable under data growth, no leakage.")
+    p.add_argument("--in", dest="input", default="data/01_ingested", help="folder with manifest.jsonl")
+    p.add_argument("--out", default="data/02_split", help="output folder (default: data/02_split)")
+
+    p = step("regions", cmd_regions, "splits -> ROI candidates with negatives and decoys, in the model's frame.")
+    p.add_argument("--in", dest="input", default="data/02_split", help="folder with the split files")
+    p.add_argument("--out", default="data/03_regions", help="output folder (default: data/03_regions)")
+
+    p = step("build-sft", cmd_build_sft, "regions -> SFT conversations (native, ms-swift or LLaMA-Factory files).")
+    p.add_argument("--in", dest="input", default="data/03_regions", help="folder with the region files")
+    p.add_argument("--out", default="data/04_sft", help="output folder (default: data/04_sft)")
+    p.add_argument("--format", choices=("native", "swift", "llamafactory"), help="overrides sft.format")
     return parser
 
 

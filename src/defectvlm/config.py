@@ -8,6 +8,7 @@ values with a `ConfigError` naming the file, the line and the dotted key.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -107,6 +108,111 @@ class IngestParams:
                 _fail("ingest.image_extensions", f"{ext!r} must start with '.'")
 
 
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class SplitParams:
+    """How images are divided into train/val/test without leakage."""
+
+    group_by: Literal["parent", "parent_depth", "regex", "none"] = param(
+        "parent", "Group key: parent folder, its first group_depth folders, a regex over the path, or each image."
+    )
+    group_depth: int = param(1, "group_by=parent_depth: how many leading folders of the relative path form the key.")
+    group_regex: str = param(
+        "", "group_by=regex: pattern searched in the relative path; group 1 (or the match) is the key."
+    )
+    ratios: dict[str, float] = param({"train": 0.8, "val": 0.1, "test": 0.1}, "Target share of groups per split.")
+    seed: int = param(42, "Seed of the group hash; changing it reshuffles every group.")
+    holdout_list: list[str] = param([], "Images (file name, relative path or id) forced into test with their groups.")
+
+    def __post_init__(self) -> None:
+        if set(self.ratios) != set(SPLITS):
+            _fail("split.ratios", f"needs exactly the keys {', '.join(SPLITS)}")
+        if any(r < 0 for r in self.ratios.values()) or abs(sum(self.ratios.values()) - 1) > 1e-6:
+            _fail("split.ratios", f"must be >= 0 and sum to 1, got {self.ratios}")
+        if self.ratios["train"] == 0:
+            _fail("split.ratios.train", "must be > 0")
+        if self.group_depth < 1:
+            _fail("split.group_depth", f"must be >= 1, got {self.group_depth}")
+        if self.group_by == "regex":
+            try:
+                re.compile(self.group_regex)
+            except re.error as exc:
+                _fail("split.group_regex", f"not a valid regular expression: {exc}")
+            if not self.group_regex:
+                _fail("split.group_regex", "must be set when group_by is regex")
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """Which model family the data is prepared for (its coordinate frame and image budget)."""
+
+    family: Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl"] = param(
+        "qwen2_5_vl", "Model family: decides the box coordinate frame and the image factor."
+    )
+    name_or_path: str = param("tiny", "'tiny' (offline test model), a local path, or a hub id.")
+    min_pixels: int = param(56 * 56, "Smallest image area (pixels) after the processor's resize.")
+    max_pixels: int = param(448 * 448, "Largest image area (pixels) after the processor's resize.")
+
+    def __post_init__(self) -> None:
+        if self.min_pixels <= 0 or self.max_pixels < self.min_pixels:
+            _fail("model.max_pixels", f"need 0 < min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}")
+
+
+@dataclass(frozen=True)
+class RegionParams:
+    """ROI candidates: label boxes plus negatives and decoys shaped like real defects."""
+
+    min_box_size: float = param(8.0, "Positives narrower or shorter than this many pixels are filtered.")
+    merge_iou: float = param(0.9, "Positives of one class overlapping at least this much are merged (duplicates).")
+    abnormal_neg_per_pos: int = param(1, "Negatives per positive on abnormal images.")
+    normal_decoys_per_image: int = param(4, "Decoy regions per normal image.")
+    neg_max_iou: float = param(0.1, "Largest overlap (IoU) of a negative with any positive.")
+    max_boxes_per_image: int = param(8, "Most regions per image; positives are kept first.")
+    seed: int = param(42, "Seed; each image's draws use seed + image id, never processing order.")
+
+    def __post_init__(self) -> None:
+        for key in ("min_box_size", "abnormal_neg_per_pos", "normal_decoys_per_image"):
+            if getattr(self, key) < 0:
+                _fail(f"regions.{key}", f"must be >= 0, got {getattr(self, key)}")
+        for key in ("merge_iou", "neg_max_iou"):
+            if not 0 <= getattr(self, key) <= 1:
+                _fail(f"regions.{key}", f"must be within [0, 1], got {getattr(self, key)}")
+        if self.max_boxes_per_image < 1:
+            _fail("regions.max_boxes_per_image", f"must be >= 1, got {self.max_boxes_per_image}")
+
+
+TASKS = ("detect", "classify", "explain", "confirm_normal", "count")
+
+
+@dataclass(frozen=True)
+class SftParams:
+    """Conversations for supervised fine-tuning."""
+
+    language: Literal["zh", "en"] = param("zh", "Template language (templates/<language>.yaml).")
+    templates: str = param("", "A template YAML to use instead of the built-in one for `language`.")
+    knowledge: str = param("", "A defect glossary YAML to use instead of the built-in knowledge.yaml.")
+    task_weights: dict[str, float] = param(
+        {"detect": 0.6, "classify": 0.1, "explain": 0.1, "confirm_normal": 0.1, "count": 0.1},
+        "Train only: relative frequency of each question category (val/test always use detect).",
+    )
+    summary: bool = param(True, "Append a one-line natural-language summary after the per-region lines.")
+    noise_ratio: float = param(0.05, "Train only: share of samples whose system hint makes a wrong claim.")
+    balance: Literal["none", "oversample", "undersample"] = param("none", "Train only: balance defect classes.")
+    format: Literal["native", "swift", "llamafactory"] = param("native", "Output schema.")
+    seed: int = param(42, "Seed; each sample's draws use seed + sample id.")
+
+    def __post_init__(self) -> None:
+        unknown = set(self.task_weights) - set(TASKS)
+        if unknown:
+            _fail(f"sft.task_weights.{sorted(unknown)[0]}", f"unknown task (known: {', '.join(TASKS)})")
+        if any(w < 0 for w in self.task_weights.values()) or not self.task_weights.get("detect", 0) > 0:
+            _fail("sft.task_weights", "weights must be >= 0 and detect must be > 0")
+        if not 0 <= self.noise_ratio <= 1:
+            _fail("sft.noise_ratio", f"must be within [0, 1], got {self.noise_ratio}")
+
+
 @dataclass(frozen=True)
 class Params:
     """All parameters of a pipeline run (one section per step family)."""
@@ -114,6 +220,10 @@ class Params:
     data: DataParams = param(DataParams(), "Input folders.")
     labels: LabelParams = param(LabelParams(), "Label parsing and class mapping.")
     ingest: IngestParams = param(IngestParams(), "Ingest checks.")
+    split: SplitParams = param(SplitParams(), "Train/val/test split.")
+    model: ModelParams = param(ModelParams(), "Model family and image budget.")
+    regions: RegionParams = param(RegionParams(), "ROI candidates.")
+    sft: SftParams = param(SftParams(), "SFT conversations.")
 
 
 # --- loading -------------------------------------------------------------------------

@@ -9,6 +9,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from defectvlm.errors import StepFailure
+
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     path = Path(path)
@@ -39,12 +41,15 @@ def write_jsonl_atomic(path: str | Path, records: Iterable[Any]) -> None:
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Read a JSONL file; a bad line is an error naming the file and line."""
     records = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not valid JSON: {exc.msg}") from None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise StepFailure(f"{path}:{number}: not valid JSON: {exc.msg}") from None
+    except OSError as exc:
+        raise StepFailure(f"{path}: cannot read ({exc.strerror}); did the step that writes it run?") from None
     return records

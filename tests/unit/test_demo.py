@@ -133,7 +133,7 @@ def test_layout_spreads_uniquely_named_images_over_batches(
 
     assert paths == sorted(paths)
     assert len({Path(p).name for p in paths}) == len(paths)
-    assert {Path(p).parent.name for p in paths} == {f"batch_{i:02d}" for i in range(1, 7)}
+    assert {Path(p).parent.name for p in paths} == {f"batch_{i:02d}" for i in range(1, 13)}
     for record in truth:
         image = out / record["path"]
         assert image.is_file()

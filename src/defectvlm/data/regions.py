@@ -1,0 +1,152 @@
+"""ROI candidates: each image's label boxes plus negatives (abnormal images) or decoys
+(normal images) that look like defects in size and shape, so that "a region is listed"
+never means "abnormal".
+
+Negative and decoy sizes are drawn from the *training* positives (as fractions of their
+image's width and height); every draw for an image comes from a generator seeded by
+(seed, image id), so the output does not depend on processing order. Region ids R1..Rk
+follow a shuffled order. Each region keeps its pixel box (displayed frame) and its box in
+the model family's native frame.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+from defectvlm.config import SPLITS, ModelParams, RegionParams
+from defectvlm.errors import StepFailure
+from defectvlm.models.families import Family, get_family
+from defectvlm.seeding import item_rng
+
+PLACEMENT_ATTEMPTS = 50
+NEGATIVE_MUTUAL_MAX_IOU = 0.5  # negatives may touch each other, not repeat each other
+SIZE_JITTER = 0.15  # log-normal spread around a sampled positive's size
+
+
+@dataclass(frozen=True)
+class RegionsResult:
+    splits: dict[str, list[dict]]
+    summary: dict
+
+
+def iou(a: list[float], b: list[float]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def clean_positives(boxes: list[dict], params: RegionParams, counts: Counter) -> list[dict]:
+    """Drop tiny boxes and merge same-class duplicates (IoU >= merge_iou), counting both."""
+    kept: list[dict] = []
+    for box in boxes:
+        x1, y1, x2, y2 = box["xyxy"]
+        if min(x2 - x1, y2 - y1) < params.min_box_size:
+            counts["positives_too_small"] += 1
+            continue
+        if any(k["cls"] == box["cls"] and iou(k["xyxy"], box["xyxy"]) >= params.merge_iou for k in kept):
+            counts["positives_merged"] += 1
+            continue
+        kept.append(box)
+    return kept
+
+
+def positive_shapes(train: list[dict], params: RegionParams) -> np.ndarray:
+    """(width, height) of every usable training positive as fractions of its image."""
+    shapes = sorted(  # sorted: draws index into this array, so its order must not follow the input's
+        ((b["xyxy"][2] - b["xyxy"][0]) / r["width"], (b["xyxy"][3] - b["xyxy"][1]) / r["height"])
+        for r in train
+        for b in clean_positives(r["boxes"], params, Counter())
+    )
+    if not shapes:
+        raise StepFailure("the training split has no positive box to draw negative and decoy sizes from")
+    return np.asarray(shapes, dtype=np.float64)
+
+
+def _draw_box(rng: np.random.Generator, shapes: np.ndarray, width: int, height: int, min_size: float) -> list[float]:
+    fw, fh = shapes[rng.integers(len(shapes))] * np.exp(rng.normal(0.0, SIZE_JITTER, 2))
+    w = float(np.clip(fw * width, min_size, width))
+    h = float(np.clip(fh * height, min_size, height))
+    x1 = float(rng.uniform(0, width - w))
+    y1 = float(rng.uniform(0, height - h))
+    return [round(x1, 1), round(y1, 1), min(round(x1 + w, 1), float(width)), min(round(y1 + h, 1), float(height))]
+
+
+def image_regions(
+    record: dict, shapes: np.ndarray, params: RegionParams, model: ModelParams, family: Family, counts: Counter
+) -> dict:
+    """The candidate regions of one image (see the module doc)."""
+    rng = item_rng(params.seed, record["id"])
+    width, height = record["width"], record["height"]
+    positives = clean_positives(record["boxes"], params, counts)
+    if len(positives) > params.max_boxes_per_image:
+        counts["positives_truncated"] += len(positives) - params.max_boxes_per_image
+        positives = positives[: params.max_boxes_per_image]
+    if record["label"] == "abnormal":
+        wanted, source = params.abnormal_neg_per_pos * len(positives), "negative"
+    else:
+        wanted, source = params.normal_decoys_per_image, "decoy"
+    room = params.max_boxes_per_image - len(positives)
+    if wanted > room:
+        counts[f"{source}s_truncated"] += wanted - room
+        wanted = room
+
+    regions = [{"xyxy": list(b["xyxy"]), "label": "abnormal", "cls": b["cls"], "source": "positive"} for b in positives]
+    placed: list[list[float]] = []
+    for _ in range(wanted):
+        for _attempt in range(PLACEMENT_ATTEMPTS):
+            box = _draw_box(rng, shapes, width, height, params.min_box_size)
+            if all(iou(box, p["xyxy"]) <= params.neg_max_iou for p in positives) and all(
+                iou(box, other) <= NEGATIVE_MUTUAL_MAX_IOU for other in placed
+            ):
+                placed.append(box)
+                regions.append({"xyxy": box, "label": "normal", "cls": None, "source": source})
+                break
+        else:
+            counts[f"{source}s_not_placed"] += 1
+
+    order = rng.permutation(len(regions))
+    frame = family.frame(width, height, model.min_pixels, model.max_pixels)
+    out = []
+    for number, index in enumerate(order, start=1):
+        region = regions[index]
+        native = family.to_native(region["xyxy"], width, height, model.min_pixels, model.max_pixels)
+        out.append({"rid": f"R{number}", **region, "box": native})
+        counts[f"{region['source']}s"] += 1
+    return {
+        "id": record["id"],
+        "path": record["path"],
+        "width": width,
+        "height": height,
+        "label": record["label"],
+        "split_group": record["split_group"],
+        "family": family.name,
+        "frame": list(frame),
+        "regions": out,
+    }
+
+
+def build_regions(splits: dict[str, list[dict]], params: RegionParams, model: ModelParams) -> RegionsResult:
+    family = get_family(model.family)
+    shapes = positive_shapes(splits["train"], params)
+    result, summary = {}, {"family": family.name, "coords": family.coords, "splits": {}}
+    for name in SPLITS:
+        counts: Counter = Counter()
+        rows = [image_regions(r, shapes, params, model, family, counts) for r in splits[name]]
+        per_image = Counter((r["label"], len(r["regions"])) for r in rows)
+        summary["splits"][name] = {
+            "images": len(rows),
+            **dict(sorted(counts.items())),
+            "regions_per_image": {f"{label}:{k}": v for (label, k), v in sorted(per_image.items())},
+        }
+        result[name] = rows
+    summary["train_positive_shapes"] = {
+        "count": len(shapes),
+        "median_width_fraction": round(float(np.median(shapes[:, 0])), 4),
+        "median_height_fraction": round(float(np.median(shapes[:, 1])), 4),
+    }
+    return RegionsResult(result, summary)

@@ -1,0 +1,111 @@
+"""Per-family facts: where a model's parts live and which frame its boxes are written in.
+
+Qwen2-VL, Qwen3-VL and InternVL read boxes as integers normalised to 0..1000 of the image;
+Qwen2.5-VL reads absolute pixels of the image *after* its processor resized it (sides
+rounded to multiples of patch_size * merge_size, area between min_pixels and max_pixels,
+computed by transformers' own `smart_resize`). Adding a family is adding one entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+NORMALISED_RANGE = 1000
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    coords: Literal["resized_pixels", "normalised_1000"]
+    patch_size: int
+    merge_size: int
+    model_class: str  # the transformers class
+    vision_tower: str  # module paths inside that class
+    vision_blocks: str
+    projector: str
+    language_layers: str
+
+    @property
+    def image_factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+    def resized(self, width: int, height: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+        """Width, height of the image as the processor feeds it to the model."""
+        h, w = smart_resize(height, width, factor=self.image_factor, min_pixels=min_pixels, max_pixels=max_pixels)
+        return w, h
+
+    def frame(self, width: int, height: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+        """The width, height that box coordinates are expressed in for this family."""
+        if self.coords == "resized_pixels":
+            return self.resized(width, height, min_pixels, max_pixels)
+        return NORMALISED_RANGE, NORMALISED_RANGE
+
+    def to_native(self, xyxy: list[float], width: int, height: int, min_pixels: int, max_pixels: int) -> list[int]:
+        """A box in pixels of the displayed image -> integers in the family's frame."""
+        fw, fh = self.frame(width, height, min_pixels, max_pixels)
+        sx, sy = fw / width, fh / height
+        x1, y1, x2, y2 = xyxy
+        native = [round(x1 * sx), round(y1 * sy), round(x2 * sx), round(y2 * sy)]
+        return [min(max(v, 0), limit) for v, limit in zip(native, (fw, fh, fw, fh), strict=True)]
+
+    def from_native(self, box: list[int], width: int, height: int, min_pixels: int, max_pixels: int) -> list[float]:
+        """The inverse of `to_native` (up to its rounding)."""
+        fw, fh = self.frame(width, height, min_pixels, max_pixels)
+        sx, sy = width / fw, height / fh
+        return [box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy]
+
+
+_QWEN_PARTS = {
+    "vision_tower": "model.visual",
+    "vision_blocks": "model.visual.blocks",
+    "projector": "model.visual.merger",
+    "language_layers": "model.language_model.layers",
+}
+
+FAMILIES: dict[str, Family] = {
+    "qwen2_vl": Family(
+        name="qwen2_vl",
+        coords="normalised_1000",
+        patch_size=14,
+        merge_size=2,
+        model_class="Qwen2VLForConditionalGeneration",
+        **_QWEN_PARTS,
+    ),
+    "qwen2_5_vl": Family(
+        name="qwen2_5_vl",
+        coords="resized_pixels",
+        patch_size=14,
+        merge_size=2,
+        model_class="Qwen2_5_VLForConditionalGeneration",
+        **_QWEN_PARTS,
+    ),
+    "qwen3_vl": Family(
+        name="qwen3_vl",
+        coords="normalised_1000",
+        patch_size=16,
+        merge_size=2,
+        model_class="Qwen3VLForConditionalGeneration",
+        **_QWEN_PARTS,
+    ),
+    "internvl": Family(
+        name="internvl",
+        coords="normalised_1000",
+        patch_size=14,
+        merge_size=2,
+        model_class="InternVLForConditionalGeneration",
+        vision_tower="model.vision_tower",
+        vision_blocks="model.vision_tower.encoder.layer",
+        projector="model.multi_modal_projector",
+        language_layers="model.language_model.layers",
+    ),
+}
+
+
+def get_family(name: str) -> Family:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ValueError(f"unknown model family {name!r} (known: {', '.join(FAMILIES)})") from None

@@ -1,0 +1,20 @@
+"""Randomness keyed by item, never by processing order: every draw for an item comes from
+a generator seeded by a hash of (seed, item key)."""
+
+from __future__ import annotations
+
+import blake3
+import numpy as np
+
+
+def _key_int(seed: int, key: str) -> int:
+    return int.from_bytes(blake3.blake3(f"{seed}\0{key}".encode()).digest(length=8), "big")
+
+
+def item_rng(seed: int, key: str) -> np.random.Generator:
+    return np.random.default_rng(_key_int(seed, key))
+
+
+def item_uniform(seed: int, key: str) -> float:
+    """A stable number in [0, 1) for (seed, key)."""
+    return _key_int(seed, key) / 2**64

@@ -1,0 +1,132 @@
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers import Qwen2VLImageProcessor
+
+from defectvlm.config import ModelParams, RegionParams
+from defectvlm.data.regions import build_regions, clean_positives, image_regions, iou, positive_shapes
+from defectvlm.models.families import FAMILIES, get_family
+
+
+def record(i: int, label: str, boxes: list[list[float]], width=800, height=600, cls="slag") -> dict:
+    return {
+        "id": f"{label}/g/{i}.jpg",
+        "path": f"x/{i}.jpg",
+        "width": width,
+        "height": height,
+        "label": label,
+        "boxes": [{"xyxy": b, "cls": cls} for b in boxes],
+        "split_group": "g",
+    }
+
+
+def splits_of(records: list[dict]) -> dict[str, list[dict]]:
+    return {"train": records, "val": [], "test": []}
+
+
+box_strategy = st.tuples(st.floats(0, 700), st.floats(0, 500), st.floats(10, 200), st.floats(10, 200)).map(
+    lambda t: [t[0], t[1], min(t[0] + t[2], 800.0), min(t[1] + t[3], 600.0)]
+)
+
+
+@settings(max_examples=80, deadline=None)
+@given(boxes=st.lists(box_strategy, min_size=1, max_size=5), neg_max_iou=st.sampled_from([0.0, 0.1, 0.3]))
+def test_property_negatives_never_overlap_positives_beyond_the_limit(boxes, neg_max_iou):
+    params = RegionParams(neg_max_iou=neg_max_iou, abnormal_neg_per_pos=2, max_boxes_per_image=20, merge_iou=1.0)
+    result = build_regions(splits_of([record(0, "abnormal", boxes)]), params, ModelParams())
+    regions = result.splits["train"][0]["regions"]
+    positives = [r["xyxy"] for r in regions if r["source"] == "positive"]
+    for region in regions:
+        if region["source"] == "negative":
+            assert all(iou(region["xyxy"], p) <= neg_max_iou + 1e-9 for p in positives)
+            x1, y1, x2, y2 = region["xyxy"]
+            assert 0 <= x1 < x2 <= 800 and 0 <= y1 < y2 <= 600
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    family=st.sampled_from(sorted(FAMILIES)),
+    width=st.integers(64, 4000),
+    height=st.integers(64, 4000),
+    fractions=st.tuples(st.floats(0, 0.9), st.floats(0, 0.9), st.floats(0.01, 0.1), st.floats(0.01, 0.1)),
+)
+def test_property_native_boxes_map_back_within_half_a_native_unit(family, width, height, fractions):
+    fam = get_family(family)
+    fx, fy, fw, fh = fractions
+    box = [fx * width, fy * height, (fx + fw) * width, (fy + fh) * height]
+    native = fam.to_native(box, width, height, 3136, 1003520)
+    back = fam.from_native(native, width, height, 3136, 1003520)
+    frame_w, frame_h = fam.frame(width, height, 3136, 1003520)
+    # Rounding to integers costs at most half a native unit; where the frame is at least as
+    # fine as the image (unit <= 2 px) that is within 1 px of the original box.
+    tolerance = [0.5 * width / frame_w, 0.5 * height / frame_h] * 2
+    assert all(abs(b - o) <= t + 1e-6 for b, o, t in zip(back, box, tolerance, strict=True))
+    if width / frame_w <= 2 and height / frame_h <= 2:
+        assert all(abs(b - o) <= 1 + 1e-6 for b, o in zip(back, box, strict=True))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    width=st.integers(40, 2600),
+    height=st.integers(40, 2600),
+    budget=st.sampled_from([(3136, 200704), (3136, 1003520), (200704, 401408)]),
+)
+def test_qwen2_5_vl_frame_matches_the_processor_itself(width, height, budget):
+    if max(width, height) / min(width, height) > 150:
+        return  # smart_resize refuses aspect ratios above 200
+    processor = Qwen2VLImageProcessor(min_pixels=budget[0], max_pixels=budget[1])
+    pixels = np.zeros((height, width, 3), dtype=np.uint8)
+    _, grid_h, grid_w = processor(images=[pixels], return_tensors="np")["image_grid_thw"][0]
+    family = get_family("qwen2_5_vl")
+    assert family.resized(width, height, *budget) == (grid_w * family.patch_size, grid_h * family.patch_size)
+
+
+def test_decoy_sizes_follow_the_training_positives():
+    train = [record(i, "abnormal", [[100, 100, 180, 130]]) for i in range(10)]  # 10% x 5% of the image
+    train += [record(100 + i, "normal", []) for i in range(20)]
+    result = build_regions(splits_of(train), RegionParams(normal_decoys_per_image=4), ModelParams())
+    decoys = [r for img in result.splits["train"] for r in img["regions"] if r["source"] == "decoy"]
+    assert len(decoys) == 80
+    widths = np.array([(r["xyxy"][2] - r["xyxy"][0]) / 800 for r in decoys])
+    heights = np.array([(r["xyxy"][3] - r["xyxy"][1]) / 600 for r in decoys])
+    assert np.median(widths) == pytest.approx(0.1, rel=0.1) and np.median(heights) == pytest.approx(0.05, rel=0.1)
+    assert widths.max() < 0.1 * np.exp(5 * 0.15) and widths.min() > 0.1 * np.exp(-5 * 0.15)
+
+
+def test_output_identical_whatever_the_processing_order():
+    rng = random.Random(1)
+    train = [record(i, "abnormal", [[rng.uniform(0, 600), 50, 700, 120]]) for i in range(15)]
+    train += [record(100 + i, "normal", []) for i in range(15)]
+    shuffled = train[:]
+    rng.shuffle(shuffled)
+    a = build_regions(splits_of(train), RegionParams(), ModelParams()).splits["train"]
+    b = build_regions(splits_of(shuffled), RegionParams(), ModelParams()).splits["train"]
+    assert sorted(a, key=lambda r: r["id"]) == sorted(b, key=lambda r: r["id"])
+
+
+def test_truncation_keeps_positives_first_and_is_counted():
+    boxes = [[10 + 60 * i, 10, 50 + 60 * i, 50] for i in range(6)]
+    params = RegionParams(max_boxes_per_image=4, abnormal_neg_per_pos=1)
+    shapes = positive_shapes([record(0, "abnormal", boxes)], params)
+    counts = Counter()
+    out = image_regions(record(0, "abnormal", boxes), shapes, params, ModelParams(), get_family("qwen2_5_vl"), counts)
+    assert [r["source"] for r in out["regions"]] == ["positive"] * 4
+    assert counts["positives_truncated"] == 2 and counts["negatives_truncated"] == 4  # 1 per kept positive
+    assert sorted(r["rid"] for r in out["regions"]) == ["R1", "R2", "R3", "R4"]
+
+
+def test_tiny_and_duplicate_positives_are_filtered_and_counted():
+    counts = Counter()
+    boxes = [
+        {"xyxy": [0, 0, 40, 40], "cls": "slag"},
+        {"xyxy": [0, 0, 40, 41], "cls": "slag"},  # duplicate
+        {"xyxy": [0, 0, 40, 41], "cls": "streak"},  # another class: kept
+        {"xyxy": [100, 100, 104, 140], "cls": "slag"},  # 4 px wide: tiny
+    ]
+    kept = clean_positives(boxes, RegionParams(min_box_size=8, merge_iou=0.9), counts)
+    assert [b["cls"] for b in kept] == ["slag", "streak"]
+    assert counts == {"positives_merged": 1, "positives_too_small": 1}

@@ -1,0 +1,192 @@
+import re
+from collections import Counter
+
+import jsonschema
+import pytest
+
+from defectvlm.config import SftParams
+from defectvlm.data.sft import (
+    IMAGE_TOKEN,
+    build_sft,
+    export_sample,
+    llamafactory_dataset_info,
+    load_knowledge,
+    load_templates,
+)
+from defectvlm.errors import StepFailure
+
+CLASSES = ["slag", "streak", "over_melt", "incomplete_spreading"]
+
+
+def region(rid: int, label: str, cls: str | None = None) -> dict:
+    return {
+        "rid": f"R{rid}",
+        "xyxy": [1.0, 2.0, 30.0, 40.0],
+        "box": [1, 2, 30, 40],
+        "label": label,
+        "cls": cls,
+        "source": "positive" if cls else "decoy",
+    }
+
+
+def image(i: int, label: str, classes: list[str]) -> dict:
+    regions = [region(k + 1, "abnormal", c) for k, c in enumerate(classes)]
+    regions += [region(len(regions) + k + 1, "normal") for k in range(2)]
+    regions.reverse()  # ids are not in list order, as after the regions step's shuffle
+    return {
+        "id": f"{label}/b/{i}.jpg",
+        "path": f"data/raw/{label}_root/b/{i}.jpg",
+        "width": 100,
+        "height": 100,
+        "label": label,
+        "family": "qwen2_5_vl",
+        "frame": [100, 100],
+        "regions": regions,
+    }
+
+
+def dataset(n: int = 40) -> dict[str, list[dict]]:
+    # classes 0..3 with class 3 three times as common; every third image also holds class 0
+    images = [image(i, "abnormal", [CLASSES[min(i % 6, 3)]] + ([CLASSES[0]] if i % 3 == 0 else [])) for i in range(n)]
+    images += [image(1000 + i, "normal", []) for i in range(n)]
+    return {"train": images, "val": images[:10], "test": images[-10:]}
+
+
+def build(params: SftParams, data=None):
+    return build_sft(data or dataset(), params, load_templates(params), load_knowledge(params))
+
+
+LINE = re.compile(r"^(R\d+): (normal|abnormal \| (\w+))$")
+
+
+def answer_lines(sample: dict) -> dict[str, tuple[str, str | None]]:
+    found = {}
+    for line in sample["messages"][2]["content"].splitlines():
+        match = LINE.match(line)
+        if match:
+            found[match.group(1)] = ("abnormal", match.group(3)) if match.group(3) else ("normal", None)
+    return found
+
+
+@pytest.mark.parametrize("language", ["zh", "en"])
+def test_answer_lines_match_the_regions_and_templates_render(language):
+    result = build(SftParams(language=language, noise_ratio=0.5))
+    for split, samples in result.splits.items():
+        for sample in samples:
+            truth = {r["rid"]: (r["label"], r["cls"]) for r in sample["meta"]["regions"]}
+            lines = answer_lines(sample)
+            if sample["task"] in ("classify", "explain"):
+                target = sample["meta"]["target"]
+                assert lines == {target: truth[target]}
+            else:
+                assert lines == truth
+            text = sample["messages"][1]["content"][1]["text"]
+            assert text.count("\nR") == len(truth) and "<regions>" in text
+            for message in (sample["messages"][0]["content"], text, sample["messages"][2]["content"]):
+                assert "{" not in message and "}" not in message, message
+            if split != "train":
+                assert sample["task"] == "detect" and sample["meta"]["noise"] is None
+                assert sample["meta"]["template"] == {"system": 0, "question": 0}
+
+
+def test_noise_only_on_train_and_answers_stay_correct():
+    result = build(SftParams(noise_ratio=1.0))
+    train = result.splits["train"]
+    assert all(s["meta"]["noise"] for s in train)
+    assert all(s["meta"]["noise"]["claim"] in s["messages"][0]["content"] for s in train)
+    assert not any(s["meta"]["noise"] for split in ("val", "test") for s in result.splits[split])
+    kinds = Counter(s["meta"]["noise"]["type"] for s in train)
+    assert set(kinds) == {"wrong_class", "missed", "false_alarm"}
+    assert build(SftParams(noise_ratio=0.0)).summary["splits"]["train"]["noised"] == 0
+
+
+def test_all_question_categories_appear_on_train():
+    tasks = build(SftParams()).summary["splits"]["train"]["tasks"]
+    assert set(tasks) == {"detect", "classify", "explain", "confirm_normal", "count"}
+
+
+@pytest.mark.parametrize("mode", ["oversample", "undersample"])
+def test_balancing_evens_out_classes_on_train_only(mode):
+    result = build(SftParams(balance=mode))
+    report = result.summary["splits"]["train"]["balance"]
+    assert len(set(report["images_per_class_before"].values())) > 1
+    assert len(set(report["images_per_class_after"].values())) == 1
+    assert result.summary["splits"]["val"]["samples"] == 10
+    ids = [s["id"] for s in result.splits["train"]]
+    assert len(ids) == len(set(ids))
+
+
+def test_same_input_same_samples_whatever_the_order():
+    data = dataset()
+    reversed_data = {k: list(reversed(v)) for k, v in data.items()}
+    assert build(SftParams(), data).splits == build(SftParams(), reversed_data).splits
+
+
+def test_unknown_class_in_knowledge_is_a_clear_error():
+    data = dataset()
+    data["train"][0]["regions"][-1].update(label="abnormal", cls="crack")
+    with pytest.raises(StepFailure, match="crack"):
+        build(SftParams(), data)
+
+
+# Schemas as documented by ms-swift (standard "messages" + "images" format) and
+# LLaMA-Factory (sharegpt formatting with role/content tags and a system column).
+MESSAGE = {"type": "object", "required": ["role", "content"], "properties": {"content": {"type": "string"}}}
+SWIFT_SCHEMA = {
+    "type": "object",
+    "required": ["messages", "images"],
+    "additionalProperties": False,
+    "properties": {
+        "messages": {
+            "type": "array",
+            "minItems": 2,
+            "items": {
+                **MESSAGE,
+                "properties": {"role": {"enum": ["system", "user", "assistant"]}, "content": {"type": "string"}},
+            },
+        },
+        "images": {"type": "array", "items": {"type": "string"}},
+    },
+}
+LLAMAFACTORY_SCHEMA = {
+    "type": "object",
+    "required": ["messages", "images", "system"],
+    "additionalProperties": False,
+    "properties": {
+        "messages": {
+            "type": "array",
+            "minItems": 2,
+            "items": {
+                **MESSAGE,
+                "properties": {"role": {"enum": ["user", "assistant"]}, "content": {"type": "string"}},
+            },
+        },
+        "system": {"type": "string"},
+        "images": {"type": "array", "items": {"type": "string"}},
+    },
+}
+DATASET_INFO_SCHEMA = {
+    "type": "object",
+    "additionalProperties": {
+        "type": "object",
+        "required": ["file_name", "formatting", "columns", "tags"],
+        "properties": {
+            "formatting": {"const": "sharegpt"},
+            "columns": {"type": "object", "required": ["messages", "images", "system"]},
+            "tags": {"type": "object", "required": ["role_tag", "content_tag", "user_tag", "assistant_tag"]},
+        },
+    },
+}
+
+
+@pytest.mark.parametrize(("fmt", "schema"), [("swift", SWIFT_SCHEMA), ("llamafactory", LLAMAFACTORY_SCHEMA)])
+def test_exports_validate_against_the_documented_schemas(fmt, schema):
+    for sample in build(SftParams()).splits["train"]:
+        exported = export_sample(sample, fmt)
+        jsonschema.validate(exported, schema)
+        text = "".join(m["content"] for m in exported["messages"])
+        assert text.count(IMAGE_TOKEN) == len(exported["images"]) == 1
+        roles = [m["role"] for m in exported["messages"]]
+        assert roles[-2:] == ["user", "assistant"]
+        assert exported["messages"][-1]["content"] == sample["messages"][2]["content"]
+    jsonschema.validate(llamafactory_dataset_info(), DATASET_INFO_SCHEMA)
