@@ -20,7 +20,10 @@ def prepare(tmp_path, raw, run: str, fmt: str = "native") -> dict[str, bytes]:
     assert run_cli("ingest", "--params", params, "--out", out / "01_ingested", "--quiet") == 0
     assert run_cli("split", "--params", params, "--in", out / "01_ingested", "--out", out / "02_split") == 0
     assert run_cli("regions", "--params", params, "--in", out / "02_split", "--out", out / "03_regions") == 0
-    assert run_cli("build-sft", "--params", params, "--in", out / "03_regions", "--out", out / "04_sft", "--format", fmt) == 0
+    assert (
+        run_cli("build-sft", "--params", params, "--in", out / "03_regions", "--out", out / "04_sft", "--format", fmt)
+        == 0
+    )
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
 
 
@@ -48,7 +51,9 @@ def test_preparation_is_complete_leak_free_and_byte_identical(tmp_path, raw):
         samples = read_jsonl(out / "04_sft" / f"{split}.jsonl")
         assert {s["image_id"] for s in samples} == {i["id"] for i in images}
         for img in images:
-            assert all(0 <= v <= limit for r in img["regions"] for v, limit in zip(r["box"], img["frame"] * 2))
+            assert all(
+                0 <= v <= limit for r in img["regions"] for v, limit in zip(r["box"], img["frame"] * 2, strict=True)
+            )
             assert img["label"] == "normal" or any(r["source"] == "positive" for r in img["regions"])
 
 

@@ -58,9 +58,10 @@ def test_property_native_boxes_map_back_within_half_a_native_unit(family, width,
     fam = get_family(family)
     fx, fy, fw, fh = fractions
     box = [fx * width, fy * height, (fx + fw) * width, (fy + fh) * height]
-    native = fam.to_native(box, width, height, 3136, 1003520)
-    back = fam.from_native(native, width, height, 3136, 1003520)
-    frame_w, frame_h = fam.frame(width, height, 3136, 1003520)
+    frame = fam.frame(width, height, 3136, 1003520)
+    native = fam.to_native(box, width, height, frame)
+    back = fam.from_native(native, width, height, frame)
+    frame_w, frame_h = frame
     # Rounding to integers costs at most half a native unit; where the frame is at least as
     # fine as the image (unit <= 2 px) that is within 1 px of the original box.
     tolerance = [0.5 * width / frame_w, 0.5 * height / frame_h] * 2

@@ -11,10 +11,11 @@ the model family's native frame.
 
 from __future__ import annotations
 
+import math
+import random
+import statistics
 from collections import Counter
 from dataclasses import dataclass
-
-import numpy as np
 
 from defectvlm.config import SPLITS, ModelParams, RegionParams
 from defectvlm.errors import StepFailure
@@ -55,29 +56,37 @@ def clean_positives(boxes: list[dict], params: RegionParams, counts: Counter) ->
     return kept
 
 
-def positive_shapes(train: list[dict], params: RegionParams) -> np.ndarray:
-    """(width, height) of every usable training positive as fractions of its image."""
-    shapes = sorted(  # sorted: draws index into this array, so its order must not follow the input's
+def positive_shapes(train: list[dict], params: RegionParams) -> list[tuple[float, float]]:
+    """(width, height) of every usable training positive as fractions of its image, sorted
+    (draws index into this list, so its order must not follow the input's)."""
+    shapes = sorted(
         ((b["xyxy"][2] - b["xyxy"][0]) / r["width"], (b["xyxy"][3] - b["xyxy"][1]) / r["height"])
         for r in train
         for b in clean_positives(r["boxes"], params, Counter())
     )
     if not shapes:
         raise StepFailure("the training split has no positive box to draw negative and decoy sizes from")
-    return np.asarray(shapes, dtype=np.float64)
+    return shapes
 
 
-def _draw_box(rng: np.random.Generator, shapes: np.ndarray, width: int, height: int, min_size: float) -> list[float]:
-    fw, fh = shapes[rng.integers(len(shapes))] * np.exp(rng.normal(0.0, SIZE_JITTER, 2))
-    w = float(np.clip(fw * width, min_size, width))
-    h = float(np.clip(fh * height, min_size, height))
-    x1 = float(rng.uniform(0, width - w))
-    y1 = float(rng.uniform(0, height - h))
+def _draw_box(
+    rng: random.Random, shapes: list[tuple[float, float]], width: int, height: int, min_size: float
+) -> list[float]:
+    fw, fh = shapes[rng.randrange(len(shapes))]
+    w = min(max(fw * math.exp(rng.gauss(0.0, SIZE_JITTER)) * width, min_size), width)
+    h = min(max(fh * math.exp(rng.gauss(0.0, SIZE_JITTER)) * height, min_size), height)
+    x1 = rng.uniform(0, width - w)
+    y1 = rng.uniform(0, height - h)
     return [round(x1, 1), round(y1, 1), min(round(x1 + w, 1), float(width)), min(round(y1 + h, 1), float(height))]
 
 
 def image_regions(
-    record: dict, shapes: np.ndarray, params: RegionParams, model: ModelParams, family: Family, counts: Counter
+    record: dict,
+    shapes: list[tuple[float, float]],
+    params: RegionParams,
+    model: ModelParams,
+    family: Family,
+    counts: Counter,
 ) -> dict:
     """The candidate regions of one image (see the module doc)."""
     rng = item_rng(params.seed, record["id"])
@@ -109,12 +118,11 @@ def image_regions(
         else:
             counts[f"{source}s_not_placed"] += 1
 
-    order = rng.permutation(len(regions))
+    rng.shuffle(regions)
     frame = family.frame(width, height, model.min_pixels, model.max_pixels)
     out = []
-    for number, index in enumerate(order, start=1):
-        region = regions[index]
-        native = family.to_native(region["xyxy"], width, height, model.min_pixels, model.max_pixels)
+    for number, region in enumerate(regions, start=1):
+        native = family.to_native(region["xyxy"], width, height, frame)
         out.append({"rid": f"R{number}", **region, "box": native})
         counts[f"{region['source']}s"] += 1
     return {
@@ -146,7 +154,7 @@ def build_regions(splits: dict[str, list[dict]], params: RegionParams, model: Mo
         result[name] = rows
     summary["train_positive_shapes"] = {
         "count": len(shapes),
-        "median_width_fraction": round(float(np.median(shapes[:, 0])), 4),
-        "median_height_fraction": round(float(np.median(shapes[:, 1])), 4),
+        "median_width_fraction": round(statistics.median(w for w, _ in shapes), 4),
+        "median_height_fraction": round(statistics.median(h for _, h in shapes), 4),
     }
     return RegionsResult(result, summary)

@@ -14,12 +14,12 @@ sees one fixed prompt.
 
 from __future__ import annotations
 
+import random
 from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 from defectvlm.config import SPLITS, TASKS, SftParams
@@ -156,8 +156,8 @@ def build_sample(
     rng = item_rng(params.seed, sample_id)
 
     task = _choose_task(rng, image, params) if train else "detect"
-    system_index = int(rng.integers(len(templates["system"]))) if train else 0
-    question_index = int(rng.integers(len(templates["questions"][task]))) if train else 0
+    system_index = rng.randrange(len(templates["system"])) if train else 0
+    question_index = rng.randrange(len(templates["questions"][task])) if train else 0
     target = None
     if task == "explain":
         target = _pick(rng, [r for r in regions if r["label"] == "abnormal"])
@@ -203,20 +203,19 @@ def build_sample(
     }
 
 
-def _choose_task(rng: np.random.Generator, image: dict, params: SftParams) -> str:
+def _choose_task(rng: random.Random, image: dict, params: SftParams) -> str:
     tasks = [t for t in eligible_tasks(image) if params.task_weights.get(t, 0) > 0]
-    weights = np.asarray([params.task_weights[t] for t in tasks], dtype=np.float64)
-    return tasks[int(rng.choice(len(tasks), p=weights / weights.sum()))]
+    return rng.choices(tasks, weights=[params.task_weights[t] for t in tasks])[0]
 
 
-def _pick(rng: np.random.Generator, items: list[dict]) -> dict:
-    return items[int(rng.integers(len(items)))]
+def _pick(rng: random.Random, items: list[dict]) -> dict:
+    return items[rng.randrange(len(items))]
 
 
 def _answer(
     task: str,
     target: dict | None,
-    rng: np.random.Generator,
+    rng: random.Random,
     templates: dict,
     knowledge: dict,
     regions: list[dict],
@@ -228,7 +227,7 @@ def _answer(
         lines = [region_line(templates, target)]
         if task == "explain":
             causes = knowledge[target["cls"]]["causes"][language]
-            lines.append(answers["cause"].format(cause=causes[int(rng.integers(len(causes)))]))
+            lines.append(answers["cause"].format(cause=causes[rng.randrange(len(causes))]))
         return "\n".join(lines)
     lines = structured_lines(templates, regions)
     if task == "count":
@@ -240,7 +239,7 @@ def _answer(
 
 
 def _noise_claim(
-    rng: np.random.Generator, regions: list[dict], templates: dict, knowledge: dict, classes: list[str], language: str
+    rng: random.Random, regions: list[dict], templates: dict, knowledge: dict, classes: list[str], language: str
 ) -> dict | None:
     """A wrong statement about one region (the answer stays correct)."""
     region = _pick(rng, regions) if regions else None
@@ -250,11 +249,11 @@ def _noise_claim(
     if region["label"] == "abnormal":
         others = [c for c in classes if c != region["cls"]]
         if others and rng.random() < 0.5:
-            wrong = others[int(rng.integers(len(others)))]
+            wrong = others[rng.randrange(len(others))]
             claim = claims["wrong_class"].format(rid=region["rid"], name=knowledge[wrong][language])
             return {"type": "wrong_class", "rid": region["rid"], "claim": claim}
         return {"type": "missed", "rid": region["rid"], "claim": claims["missed"].format(rid=region["rid"])}
-    wrong = classes[int(rng.integers(len(classes)))]
+    wrong = classes[rng.randrange(len(classes))]
     claim = claims["false_alarm"].format(rid=region["rid"], name=knowledge[wrong][language])
     return {"type": "false_alarm", "rid": region["rid"], "claim": claim}
 

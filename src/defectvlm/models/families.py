@@ -43,17 +43,17 @@ class Family:
             return self.resized(width, height, min_pixels, max_pixels)
         return NORMALISED_RANGE, NORMALISED_RANGE
 
-    def to_native(self, xyxy: list[float], width: int, height: int, min_pixels: int, max_pixels: int) -> list[int]:
-        """A box in pixels of the displayed image -> integers in the family's frame."""
-        fw, fh = self.frame(width, height, min_pixels, max_pixels)
+    def to_native(self, xyxy: list[float], width: int, height: int, frame: tuple[int, int]) -> list[int]:
+        """A box in pixels of the displayed image -> integers in `frame` (from `self.frame`)."""
+        fw, fh = frame
         sx, sy = fw / width, fh / height
         x1, y1, x2, y2 = xyxy
         native = [round(x1 * sx), round(y1 * sy), round(x2 * sx), round(y2 * sy)]
         return [min(max(v, 0), limit) for v, limit in zip(native, (fw, fh, fw, fh), strict=True)]
 
-    def from_native(self, box: list[int], width: int, height: int, min_pixels: int, max_pixels: int) -> list[float]:
+    def from_native(self, box: list[int], width: int, height: int, frame: tuple[int, int]) -> list[float]:
         """The inverse of `to_native` (up to its rounding)."""
-        fw, fh = self.frame(width, height, min_pixels, max_pixels)
+        fw, fh = frame
         sx, sy = width / fw, height / fh
         return [box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy]
 
