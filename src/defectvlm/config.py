@@ -167,7 +167,11 @@ class RegionParams:
     min_box_size: float = param(8.0, "Positives narrower or shorter than this many pixels are filtered.")
     merge_iou: float = param(0.9, "Positives of one class overlapping at least this much are merged (duplicates).")
     abnormal_neg_per_pos: int = param(1, "Negatives per positive on abnormal images.")
-    normal_decoys_per_image: int = param(4, "Decoy regions per normal image.")
+    decoy_count: Literal["match_abnormal", "fixed"] = param(
+        "match_abnormal",
+        "Decoys per normal image: drawn from the training abnormal images' region counts, or normal_decoys_per_image.",
+    )
+    normal_decoys_per_image: int = param(4, "Decoy regions per normal image when decoy_count is fixed.")
     neg_max_iou: float = param(0.1, "Largest overlap (IoU) of a negative with any positive.")
     max_boxes_per_image: int = param(8, "Most regions per image; positives are kept first.")
     seed: int = param(42, "Seed; each image's draws use seed + image id, never processing order.")

@@ -9,7 +9,13 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from defectvlm.errors import StepFailure
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:
@@ -19,23 +25,21 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; outputs get the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def dumps(record: Any) -> str:
-    """One canonical JSON text: UTF-8 characters kept, key order as given."""
-    return json.dumps(record, ensure_ascii=False)
-
-
 def write_json_atomic(path: str | Path, record: Any) -> None:
+    """A human-readable JSON file (reports, summaries)."""
     write_bytes_atomic(path, (json.dumps(record, ensure_ascii=False, indent=2) + "\n").encode("utf-8"))
 
 
 def write_jsonl_atomic(path: str | Path, records: Iterable[Any]) -> None:
-    write_bytes_atomic(path, "".join(dumps(r) + "\n" for r in records).encode("utf-8"))
+    """One compact JSON object per line, UTF-8, keys in the order given (orjson: fast and canonical)."""
+    write_bytes_atomic(path, b"".join(orjson.dumps(r) + b"\n" for r in records))
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
@@ -47,9 +51,9 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
                 if not line.strip():
                     continue
                 try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise StepFailure(f"{path}:{number}: not valid JSON: {exc.msg}") from None
+                    records.append(orjson.loads(line))
+                except orjson.JSONDecodeError as exc:
+                    raise StepFailure(f"{path}:{number}: not valid JSON: {exc}") from None
     except OSError as exc:
         raise StepFailure(f"{path}: cannot read ({exc.strerror}); did the step that writes it run?") from None
     return records

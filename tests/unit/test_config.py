@@ -54,3 +54,12 @@ def test_label_map_canonical_lookup():
     assert labels.canonical("slag") == "slag"
     assert labels.canonical("裂纹") is None
     assert params_from_dict({}).labels.canonical("裂纹") == "裂纹"
+
+
+def test_atomic_writes_leave_no_temp_files_and_usual_permissions(tmp_path):
+    from defectvlm.io import read_jsonl, write_jsonl_atomic
+
+    write_jsonl_atomic(tmp_path / "a.jsonl", [{"k": "灰渣", "v": 1.5}, {"k": None}])
+    assert read_jsonl(tmp_path / "a.jsonl") == [{"k": "灰渣", "v": 1.5}, {"k": None}]
+    assert [p.name for p in tmp_path.iterdir()] == ["a.jsonl"]
+    assert (tmp_path / "a.jsonl").stat().st_mode & 0o044  # group/others may read

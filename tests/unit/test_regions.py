@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from transformers import Qwen2VLImageProcessor
 
 from defectvlm.config import ModelParams, RegionParams
-from defectvlm.data.regions import build_regions, clean_positives, image_regions, iou, positive_shapes
+from defectvlm.data.regions import build_regions, clean_positives, image_regions, iou, train_prior
 from defectvlm.models.families import FAMILIES, get_family
 
 
@@ -89,7 +89,8 @@ def test_qwen2_5_vl_frame_matches_the_processor_itself(width, height, budget):
 def test_decoy_sizes_follow_the_training_positives():
     train = [record(i, "abnormal", [[100, 100, 180, 130]]) for i in range(10)]  # 10% x 5% of the image
     train += [record(100 + i, "normal", []) for i in range(20)]
-    result = build_regions(splits_of(train), RegionParams(normal_decoys_per_image=4), ModelParams())
+    params = RegionParams(decoy_count="fixed", normal_decoys_per_image=4)
+    result = build_regions(splits_of(train), params, ModelParams())
     decoys = [r for img in result.splits["train"] for r in img["regions"] if r["source"] == "decoy"]
     assert len(decoys) == 80
     widths = np.array([(r["xyxy"][2] - r["xyxy"][0]) / 800 for r in decoys])
@@ -112,9 +113,9 @@ def test_output_identical_whatever_the_processing_order():
 def test_truncation_keeps_positives_first_and_is_counted():
     boxes = [[10 + 60 * i, 10, 50 + 60 * i, 50] for i in range(6)]
     params = RegionParams(max_boxes_per_image=4, abnormal_neg_per_pos=1)
-    shapes = positive_shapes([record(0, "abnormal", boxes)], params)
+    prior = train_prior([record(0, "abnormal", boxes)], params)
     counts = Counter()
-    out = image_regions(record(0, "abnormal", boxes), shapes, params, ModelParams(), get_family("qwen2_5_vl"), counts)
+    out = image_regions(record(0, "abnormal", boxes), prior, params, ModelParams(), get_family("qwen2_5_vl"), counts)
     assert [r["source"] for r in out["regions"]] == ["positive"] * 4
     assert counts["positives_truncated"] == 2 and counts["negatives_truncated"] == 4  # 1 per kept positive
     assert sorted(r["rid"] for r in out["regions"]) == ["R1", "R2", "R3", "R4"]
@@ -131,3 +132,19 @@ def test_tiny_and_duplicate_positives_are_filtered_and_counted():
     kept = clean_positives(boxes, RegionParams(min_box_size=8, merge_iou=0.9), counts)
     assert [b["cls"] for b in kept] == ["slag", "streak"]
     assert counts == {"positives_merged": 1, "positives_too_small": 1}
+
+
+def test_region_count_does_not_reveal_the_label():
+    rng = random.Random(3)
+    train = [
+        record(i, "abnormal", [[50 + 150 * k, 50, 120 + 150 * k, 90] for k in range(rng.randint(1, 4))])
+        for i in range(200)
+    ]
+    train += [record(1000 + i, "normal", []) for i in range(200)]
+    rows = build_regions(splits_of(train), RegionParams(), ModelParams()).splits["train"]
+    by_label = {
+        label: Counter(len(r["regions"]) for r in rows if r["label"] == label) for label in ("abnormal", "normal")
+    }
+    assert set(by_label["abnormal"]) == set(by_label["normal"]) == {2, 4, 6, 8}
+    for k in (2, 4, 6, 8):
+        assert abs(by_label["abnormal"][k] - by_label["normal"][k]) < 40  # same distribution up to sampling noise

@@ -3,7 +3,9 @@
 never means "abnormal".
 
 Negative and decoy sizes are drawn from the *training* positives (as fractions of their
-image's width and height); every draw for an image comes from a generator seeded by
+image's width and height), and by default a normal image gets as many decoys as a random
+training abnormal image has regions, so neither a region's size nor an image's region
+count reveals the label; every draw for an image comes from a generator seeded by
 (seed, image id), so the output does not depend on processing order. Region ids R1..Rk
 follow a shuffled order. Each region keeps its pixel box (displayed frame) and its box in
 the model family's native frame.
@@ -56,17 +58,27 @@ def clean_positives(boxes: list[dict], params: RegionParams, counts: Counter) ->
     return kept
 
 
-def positive_shapes(train: list[dict], params: RegionParams) -> list[tuple[float, float]]:
-    """(width, height) of every usable training positive as fractions of its image, sorted
-    (draws index into this list, so its order must not follow the input's)."""
-    shapes = sorted(
-        ((b["xyxy"][2] - b["xyxy"][0]) / r["width"], (b["xyxy"][3] - b["xyxy"][1]) / r["height"])
-        for r in train
-        for b in clean_positives(r["boxes"], params, Counter())
-    )
+@dataclass(frozen=True)
+class TrainPrior:
+    """What negatives and decoys imitate, measured on the training split only."""
+
+    shapes: list[tuple[float, float]]  # positives' (width, height) as fractions of their image, sorted
+    abnormal_region_counts: list[int]  # regions per abnormal image (positives + negatives), sorted
+
+
+def train_prior(train: list[dict], params: RegionParams) -> TrainPrior:
+    # Sorted lists: draws index into them, so their order must not follow the input's.
+    shapes, region_counts = [], []
+    for r in train:
+        positives = clean_positives(r["boxes"], params, Counter())
+        shapes += [
+            ((b["xyxy"][2] - b["xyxy"][0]) / r["width"], (b["xyxy"][3] - b["xyxy"][1]) / r["height"]) for b in positives
+        ]
+        if r["label"] == "abnormal" and positives:
+            region_counts.append(min(len(positives) * (1 + params.abnormal_neg_per_pos), params.max_boxes_per_image))
     if not shapes:
         raise StepFailure("the training split has no positive box to draw negative and decoy sizes from")
-    return shapes
+    return TrainPrior(sorted(shapes), sorted(region_counts))
 
 
 def _draw_box(
@@ -82,7 +94,7 @@ def _draw_box(
 
 def image_regions(
     record: dict,
-    shapes: list[tuple[float, float]],
+    prior: TrainPrior,
     params: RegionParams,
     model: ModelParams,
     family: Family,
@@ -97,6 +109,9 @@ def image_regions(
         positives = positives[: params.max_boxes_per_image]
     if record["label"] == "abnormal":
         wanted, source = params.abnormal_neg_per_pos * len(positives), "negative"
+    elif params.decoy_count == "match_abnormal" and prior.abnormal_region_counts:
+        # as many regions as a random training abnormal image has: the count says nothing of the label
+        wanted, source = prior.abnormal_region_counts[rng.randrange(len(prior.abnormal_region_counts))], "decoy"
     else:
         wanted, source = params.normal_decoys_per_image, "decoy"
     room = params.max_boxes_per_image - len(positives)
@@ -108,7 +123,7 @@ def image_regions(
     placed: list[list[float]] = []
     for _ in range(wanted):
         for _attempt in range(PLACEMENT_ATTEMPTS):
-            box = _draw_box(rng, shapes, width, height, params.min_box_size)
+            box = _draw_box(rng, prior.shapes, width, height, params.min_box_size)
             if all(iou(box, p["xyxy"]) <= params.neg_max_iou for p in positives) and all(
                 iou(box, other) <= NEGATIVE_MUTUAL_MAX_IOU for other in placed
             ):
@@ -140,11 +155,11 @@ def image_regions(
 
 def build_regions(splits: dict[str, list[dict]], params: RegionParams, model: ModelParams) -> RegionsResult:
     family = get_family(model.family)
-    shapes = positive_shapes(splits["train"], params)
+    prior = train_prior(splits["train"], params)
     result, summary = {}, {"family": family.name, "coords": family.coords, "splits": {}}
     for name in SPLITS:
         counts: Counter = Counter()
-        rows = [image_regions(r, shapes, params, model, family, counts) for r in splits[name]]
+        rows = [image_regions(r, prior, params, model, family, counts) for r in splits[name]]
         per_image = Counter((r["label"], len(r["regions"])) for r in rows)
         summary["splits"][name] = {
             "images": len(rows),
@@ -153,8 +168,8 @@ def build_regions(splits: dict[str, list[dict]], params: RegionParams, model: Mo
         }
         result[name] = rows
     summary["train_positive_shapes"] = {
-        "count": len(shapes),
-        "median_width_fraction": round(statistics.median(w for w, _ in shapes), 4),
-        "median_height_fraction": round(statistics.median(h for _, h in shapes), 4),
+        "count": len(prior.shapes),
+        "median_width_fraction": round(statistics.median(w for w, _ in prior.shapes), 4),
+        "median_height_fraction": round(statistics.median(h for _, h in prior.shapes), 4),
     }
     return RegionsResult(result, summary)
