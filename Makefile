@@ -23,7 +23,7 @@ data/raw/demo_summary.json: | $(VENV)/.installed
 
 demo: $(VENV)/.installed data/raw/demo_summary.json
 	$(BIN)/dvc repro
-	@echo "demo done: see data/01_ingested/ingest_report.json"
+	@echo "demo done: reports in data/01_ingested, data/02_split, data/03_regions, data/04_sft"
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
@@ -35,7 +35,8 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff check src tests benchmarks
 
 bench: $(VENV)/.installed
-	$(BIN)/python benchmarks/bench_ingest.py
+	$(BIN)/python benchmarks/bench_ingest.py --keep
+	$(BIN)/python benchmarks/bench_prepare.py
 
 # Re-resolve and pin every dependency (run after changing pyproject.toml).
 lock: $(VENV)/.installed
