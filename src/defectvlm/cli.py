@@ -158,6 +158,24 @@ def cmd_build_sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from defectvlm.tracking.mlflow_tracking import MlflowTracking
+    from defectvlm.train.loop import train_phase
+
+    params = _load(args)
+    tracking = None if args.no_tracking else MlflowTracking(params)
+    metrics = train_phase(params, args.phase, Path(args.input), resume=args.resume, tracking=tracking)
+    if metrics.get("enabled"):
+        console.print(
+            f"phase {args.phase}: {metrics['steps']} steps, best {params.train.metric_for_best_model}="
+            f"{metrics[params.train.metric_for_best_model]} at step {metrics['best_step']}, "
+            f"token efficiency {metrics['token_efficiency']}"
+        )
+    else:
+        console.print(f"phase {args.phase} is disabled in params.yaml: skipped")
+    return 0
+
+
 def _print_ingest_summary(report: dict) -> None:
     table = Table("kind", "accepted", "repaired", "rejected", title="ingest")
     for kind, counts in report["counts_by_kind"].items():
@@ -219,6 +237,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in", dest="input", default="data/03_regions", help="folder with the region files")
     p.add_argument("--out", default="data/04_sft", help="output folder (default: data/04_sft)")
     p.add_argument("--format", choices=("native", "swift", "llamafactory"), help="overrides sft.format")
+
+    p = step(
+        "train",
+        cmd_train,
+        "Train one phase (1: projector + LM LoRA, 2: + top vision LoRA, 3: + top vision blocks) with DeepSpeed. "
+        "Several processes: torchrun --nproc_per_node N -m defectvlm train --phase 1",
+    )
+    p.add_argument("--phase", type=int, choices=(1, 2, 3), required=True)
+    p.add_argument("--in", dest="input", default="data/04_sft", help="folder with native SFT files")
+    p.add_argument("--resume", action="store_true", help="continue from the phase's last checkpoint")
+    p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     return parser
 
 

@@ -218,6 +218,106 @@ class SftParams:
 
 
 @dataclass(frozen=True)
+class LoraParams:
+    """LoRA adapter shape (shared by every phase)."""
+
+    r: int = param(16, "LoRA rank.")
+    alpha: int = param(32, "LoRA alpha (scale = alpha / r).")
+    dropout: float = param(0.05, "Dropout on the LoRA input.")
+
+    def __post_init__(self) -> None:
+        if self.r < 1 or self.alpha < 1:
+            _fail("train.lora.r", f"r and alpha must be >= 1, got {self.r}, {self.alpha}")
+        if not 0 <= self.dropout < 1:
+            _fail("train.lora.dropout", f"must be within [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class PhaseParams:
+    """One training phase: which parts train and at which learning rate (phases are data)."""
+
+    enabled: bool = param(True, "Run this phase; a disabled phase is skipped and the next starts from the last run.")
+    epochs: float = param(1.0, "Passes over the training split (fractions allowed).")
+    max_steps: int = param(0, "Stop after this many optimizer steps (0: epochs decide).")
+    lr_lm: float = param(2e-4, "Learning rate of the language model's LoRA.")
+    lr_proj: float = param(2e-4, "Learning rate of the projector (fully trained in every phase).")
+    vision_lora_top_n: int = param(0, "LoRA on the top N vision blocks (phase 2 on).")
+    lr_vision_lora: float = param(5e-5, "Learning rate of the vision LoRA.")
+    unfreeze_top_k: int = param(0, "Fully train the top K vision blocks (phase 3).")
+    lr_vision: float = param(1e-5, "Learning rate of the unfrozen vision blocks.")
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "max_steps", "vision_lora_top_n", "unfreeze_top_k"):
+            if getattr(self, key) < 0:
+                _fail(f"train.phase.{key}", f"must be >= 0, got {getattr(self, key)}")
+        for key in ("lr_lm", "lr_proj", "lr_vision_lora", "lr_vision"):
+            if getattr(self, key) < 0:
+                _fail(f"train.phase.{key}", f"must be >= 0, got {getattr(self, key)}")
+        if self.epochs == 0 and self.max_steps == 0:
+            _fail("train.phase.epochs", "epochs or max_steps must be > 0")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """Phased LoRA training (DeepSpeed)."""
+
+    output_dir: str = param("runs", "Phase N writes to <output_dir>/phaseN.")
+    deepspeed: str = param("configs/deepspeed/zero2.json", "DeepSpeed config; 'auto' values are filled from here.")
+    seed: int = param(42, "Seed of initialisation, data order and dropout.")
+    batch_size: int = param(4, "Micro-batch per process.")
+    grad_accum: int = param(1, "Micro-batches per optimizer step.")
+    max_length: int = param(4096, "Longer samples are skipped and counted.")
+    group_by_length: bool = param(True, "Batch samples of similar length together (less padding).")
+    warmup_ratio: float = param(0.1, "Share of steps with linear warm-up, then cosine decay.")
+    weight_decay: float = param(0.0, "AdamW weight decay.")
+    max_grad_norm: float = param(1.0, "Gradient clipping.")
+    gradient_checkpointing: bool = param(False, "Recompute activations in backward (less memory, ~30% slower).")
+    qlora: bool = param(False, "Load the base in 4 bit (bitsandbytes, CUDA only).")
+    logging_steps: int = param(5, "Log loss, learning rates and token efficiency every N steps.")
+    eval_steps: int = param(20, "Validation loss every N steps (and at the end).")
+    save_steps: int = param(20, "Checkpoint (for --resume) every N steps.")
+    save_total_limit: int = param(2, "Checkpoints kept (the best model is kept apart).")
+    metric_for_best_model: str = param("eval_loss", "Metric that picks the best checkpoint.")
+    greater_is_better: bool = param(False, "Whether a larger metric is better.")
+    lora: LoraParams = param(LoraParams(), "LoRA shape.")
+    phase1: PhaseParams = param(PhaseParams(epochs=3.0), "Phase 1: vision tower frozen; projector + LM LoRA.")
+    phase2: PhaseParams = param(
+        PhaseParams(epochs=1.0, vision_lora_top_n=2), "Phase 2: + LoRA on the top N vision blocks."
+    )
+    phase3: PhaseParams = param(
+        PhaseParams(epochs=1.0, vision_lora_top_n=2, unfreeze_top_k=1), "Phase 3: + top K vision blocks unfrozen."
+    )
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "grad_accum", "max_length", "logging_steps", "eval_steps", "save_steps"):
+            if getattr(self, key) < 1:
+                _fail(f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
+        if self.save_total_limit < 1:
+            _fail("train.save_total_limit", f"must be >= 1, got {self.save_total_limit}")
+        if not 0 <= self.warmup_ratio < 1:
+            _fail("train.warmup_ratio", f"must be within [0, 1), got {self.warmup_ratio}")
+        if self.phase1.vision_lora_top_n or self.phase1.unfreeze_top_k:
+            _fail(
+                "train.phase1", "phase 1 keeps the vision tower frozen: vision_lora_top_n and unfreeze_top_k must be 0"
+            )
+        if self.phase2.vision_lora_top_n < 1 or self.phase2.unfreeze_top_k:
+            _fail("train.phase2", "phase 2 needs vision_lora_top_n >= 1 and unfreeze_top_k 0")
+        if self.phase3.unfreeze_top_k < 1:
+            _fail("train.phase3.unfreeze_top_k", "phase 3 needs unfreeze_top_k >= 1")
+
+    def phase(self, number: int) -> PhaseParams:
+        return getattr(self, f"phase{number}")
+
+
+@dataclass(frozen=True)
+class TrackingParams:
+    """Where runs are recorded (MLflow). Credentials come from the environment, never from here."""
+
+    uri: str = param("sqlite:///mlflow.db", "MLflow tracking URI (sqlite file, http://server, ...).")
+    experiment: str = param("defectvlm", "MLflow experiment name.")
+
+
+@dataclass(frozen=True)
 class Params:
     """All parameters of a pipeline run (one section per step family)."""
 
@@ -228,6 +328,8 @@ class Params:
     model: ModelParams = param(ModelParams(), "Model family and image budget.")
     regions: RegionParams = param(RegionParams(), "ROI candidates.")
     sft: SftParams = param(SftParams(), "SFT conversations.")
+    train: TrainParams = param(TrainParams(), "Phased training.")
+    tracking: TrackingParams = param(TrackingParams(), "Experiment tracking.")
 
 
 # --- loading -------------------------------------------------------------------------
@@ -286,8 +388,16 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     if unknown:
         _fail(f"{prefix}{unknown[0]}", f"unknown key (known: {', '.join(sorted(names))})")
     values = {}
-    for name, value in raw.items():
-        values[name] = _coerce(hints[name], value, f"{prefix}{name}")
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        value = raw[f.name]
+        if dataclasses.is_dataclass(hints[f.name]):
+            # a partly given section keeps this field's own defaults (phase2 differs from phase1)
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            value = {**{g.name: getattr(default, g.name) for g in dataclasses.fields(default)}, **(value or {})}
+            value = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in value.items()}
+        values[f.name] = _coerce(hints[f.name], value, f"{prefix}{f.name}")
     return cls(**values)
 
 

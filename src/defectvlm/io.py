@@ -13,7 +13,6 @@ import orjson
 
 from defectvlm.errors import StepFailure
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 

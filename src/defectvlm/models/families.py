@@ -27,6 +27,8 @@ class Family:
     vision_blocks: str
     projector: str
     language_layers: str
+    lm_lora_leaves: str  # regex of the LoRA targets inside one language layer
+    vision_lora_leaves: str  # regex of the LoRA targets inside one vision block
 
     @property
     def image_factor(self) -> int:
@@ -58,11 +60,13 @@ class Family:
         return [box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy]
 
 
+_LM_LEAVES = r"self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj)"
 _QWEN_PARTS = {
     "vision_tower": "model.visual",
     "vision_blocks": "model.visual.blocks",
     "projector": "model.visual.merger",
     "language_layers": "model.language_model.layers",
+    "lm_lora_leaves": _LM_LEAVES,
 }
 
 FAMILIES: dict[str, Family] = {
@@ -72,6 +76,7 @@ FAMILIES: dict[str, Family] = {
         patch_size=14,
         merge_size=2,
         model_class="Qwen2VLForConditionalGeneration",
+        vision_lora_leaves=r"attn\.(qkv|proj)|mlp\.(fc1|fc2)",
         **_QWEN_PARTS,
     ),
     "qwen2_5_vl": Family(
@@ -80,6 +85,7 @@ FAMILIES: dict[str, Family] = {
         patch_size=14,
         merge_size=2,
         model_class="Qwen2_5_VLForConditionalGeneration",
+        vision_lora_leaves=r"attn\.(qkv|proj)|mlp\.(gate_proj|up_proj|down_proj)",
         **_QWEN_PARTS,
     ),
     "qwen3_vl": Family(
@@ -88,6 +94,7 @@ FAMILIES: dict[str, Family] = {
         patch_size=16,
         merge_size=2,
         model_class="Qwen3VLForConditionalGeneration",
+        vision_lora_leaves=r"attn\.(qkv|proj)|mlp\.(linear_fc1|linear_fc2)",
         **_QWEN_PARTS,
     ),
     "internvl": Family(
@@ -100,6 +107,8 @@ FAMILIES: dict[str, Family] = {
         vision_blocks="model.vision_tower.encoder.layer",
         projector="model.multi_modal_projector",
         language_layers="model.language_model.layers",
+        lm_lora_leaves=_LM_LEAVES,
+        vision_lora_leaves=r"attention\.(q_proj|k_proj|v_proj|projection_layer)|mlp\.(fc1|fc2)",
     ),
 }
 

@@ -1,0 +1,44 @@
+"""Base models and processors: the offline tiny model, or a checkpoint from a local path or hub id."""
+
+from __future__ import annotations
+
+import torch
+
+from defectvlm.config import ModelParams
+from defectvlm.errors import StepFailure
+from defectvlm.models.families import get_family
+
+
+def load_base(model: ModelParams, qlora: bool = False):
+    """(model, processor) for `model.name_or_path` with the configured pixel budget."""
+    family = get_family(model.family)
+    if model.name_or_path == "tiny":
+        if model.family != "qwen2_5_vl":
+            raise StepFailure("model.name_or_path 'tiny' is a qwen2_5_vl model; set model.family: qwen2_5_vl")
+        if qlora:
+            raise StepFailure("train.qlora needs a real checkpoint on a CUDA GPU; the tiny model trains in fp32")
+        from defectvlm.models.tiny import build_tiny
+
+        return build_tiny(model.min_pixels, model.max_pixels)
+
+    import transformers
+
+    kwargs = {"dtype": torch.bfloat16 if torch.cuda.is_available() else torch.float32}
+    if qlora:
+        if not torch.cuda.is_available():
+            raise StepFailure(
+                "train.qlora loads the base in 4 bit with bitsandbytes, which needs a CUDA GPU; none here"
+            )
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+        )
+    model_class = getattr(transformers, family.model_class)
+    base = model_class.from_pretrained(model.name_or_path, **kwargs)
+    processor = transformers.AutoProcessor.from_pretrained(
+        model.name_or_path, min_pixels=model.min_pixels, max_pixels=model.max_pixels
+    )
+    if qlora:
+        from peft import prepare_model_for_kbit_training
+
+        base = prepare_model_for_kbit_training(base)
+    return base, processor

@@ -1,0 +1,147 @@
+"""A tiny Qwen2.5-VL built offline: random weights, a byte-level BPE tokenizer trained on the
+project's own templates, and the real Qwen2.5-VL processor classes around it.
+
+Everything is derived from fixed seeds and files in the package, so `tiny` is the same
+model on every machine: tests, the demo and evaluation can rebuild the base the adapters
+were trained on instead of shipping weights. Small enough to train on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2VLImageProcessor,
+)
+from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+VOCAB_SIZE = 2048
+SEED = 1234
+
+# The Qwen2.5-VL conversation format: <|im_start|>role\ncontent<|im_end|>\n, an image as
+# <|vision_start|><|image_pad|><|vision_end|> (the processor expands <|image_pad|>).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+TINY_TEXT = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 4096,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+}
+TINY_VISION = {
+    "depth": 4,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_heads": 4,
+    "out_hidden_size": 128,
+    "fullatt_block_indexes": [1, 3],
+    "window_size": 112,
+    "patch_size": 14,
+    "spatial_merge_size": 2,
+    "temporal_patch_size": 2,
+}
+
+
+def _tokenizer_corpus() -> list[str]:
+    """Text the tiny tokenizer learns its merges from: the templates, glossary and numbers."""
+    templates = resources.files("defectvlm.data").joinpath("templates")
+    texts = [templates.joinpath(name).read_text("utf-8") for name in ("zh.yaml", "en.yaml", "knowledge.yaml")]
+    texts += [f"R{i}: [{i * 7}, {i * 13}, {i * 7 + 40}, {i * 13 + 25}]" for i in range(1, 40)]
+    texts += [" ".join(str(n) for n in range(k, k + 100)) for k in range(0, 1100, 100)]
+    texts += ["R1: normal\nR2: abnormal | slag\nR3: abnormal | streak\nR4: abnormal | over_melt\n"] * 20
+    return texts
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE - len(SPECIAL_TOKENS),
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    core.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+        chat_template=CHAT_TEMPLATE,
+    )
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def build_processor(min_pixels: int, max_pixels: int) -> Qwen2_5_VLProcessor:
+    tokenizer = build_tokenizer()
+    image_processor = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
+    return Qwen2_5_VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(),
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def tiny_config(tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLConfig:
+    ids = {name: tokenizer.convert_tokens_to_ids(name) for name in SPECIAL_TOKENS}
+    return Qwen2_5_VLConfig(
+        text_config={
+            **TINY_TEXT,
+            "vocab_size": len(tokenizer),
+            "bos_token_id": ids["<|endoftext|>"],
+            "eos_token_id": ids["<|im_end|>"],
+            "pad_token_id": ids["<|endoftext|>"],
+        },
+        vision_config=TINY_VISION,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
+
+
+def build_tiny(min_pixels: int, max_pixels: int) -> tuple[Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor]:
+    """The tiny model (same weights every time) and its processor."""
+    processor = build_processor(min_pixels, max_pixels)
+    config = tiny_config(processor.tokenizer)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(SEED)
+    try:
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    model.eval()
+    return model, processor

@@ -1,0 +1,120 @@
+"""SFT samples -> model batches: images loaded upright, the processor's pixel budget, loss
+only on the assistant's answer, and length-grouped batches that keep padding low.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+from PIL import Image, ImageOps
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+IGNORE_INDEX = -100
+MEGA_BATCH = 32  # batches sorted by length together before their order is shuffled
+
+
+def load_image(path: str) -> Image.Image:
+    """RGB, EXIF orientation applied: the displayed frame the boxes are written in."""
+    with Image.open(path) as image:
+        return ImageOps.exif_transpose(image).convert("RGB")
+
+
+def prompt_messages(sample: dict) -> list[dict]:
+    return sample["messages"][:-1]
+
+
+@dataclass
+class Encoded:
+    text: str  # the whole conversation rendered by the chat template
+    image: str
+    length: int  # tokens after the processor expands the image
+
+
+class SftDataset(torch.utils.data.Dataset):
+    """Native SFT samples; token lengths are known up front (from image headers) for batching."""
+
+    def __init__(self, samples: list[dict], processor, merge_size: int = 2):
+        self.samples = samples
+        self.processor = processor
+        image_processor = processor.image_processor
+        patch = image_processor.patch_size
+        self.factor = patch * merge_size
+        self.min_pixels = image_processor.size["shortest_edge"]
+        self.max_pixels = image_processor.size["longest_edge"]
+        self.items = [self._encode(s) for s in samples]
+
+    def _encode(self, sample: dict) -> Encoded:
+        text = self.processor.apply_chat_template(sample["messages"], tokenize=False)
+        path = sample["images"][0]
+        with Image.open(path) as image:  # the header only
+            width, height = image.size[::-1] if _rotated(image) else image.size
+        h, w = smart_resize(height, width, factor=self.factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        image_tokens = (h // self.factor) * (w // self.factor)
+        text_tokens = len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return Encoded(text, path, text_tokens - 1 + image_tokens)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> Encoded:
+        return self.items[index]
+
+
+def _rotated(image: Image.Image) -> bool:
+    return image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+
+
+class Collator:
+    """Encoded items -> tensors with labels = -100 everywhere except the assistant's answer
+    (its text and the closing <|im_end|>)."""
+
+    def __init__(self, processor):
+        self.processor = processor
+        tokenizer = processor.tokenizer
+        self.header = tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+        self.end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def __call__(self, items: list[Encoded]) -> dict[str, torch.Tensor]:
+        batch = self.processor(
+            text=[item.text for item in items],
+            images=[load_image(item.image) for item in items],
+            padding=True,
+            return_tensors="pt",
+        )
+        batch["labels"] = torch.stack([self.answer_labels(ids) for ids in batch["input_ids"]])
+        batch.pop("mm_token_type_ids", None)
+        return dict(batch)
+
+    def answer_labels(self, input_ids: torch.Tensor) -> torch.Tensor:
+        ids = input_ids.tolist()
+        n = len(self.header)
+        starts = [i + n for i in range(len(ids) - n + 1) if ids[i : i + n] == self.header]
+        if not starts:
+            raise ValueError("no assistant turn in the sample")
+        start = starts[-1]
+        end = ids.index(self.end_id, start) + 1 if self.end_id in ids[start:] else len(ids)
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        labels[start:end] = input_ids[start:end]
+        return labels
+
+
+def batches(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
+    """Index batches for one epoch, the same on every process: shuffled by (seed, epoch); with
+    length grouping, sorted by length inside mega-batches, then the batch order shuffled."""
+    order = list(range(len(lengths)))
+    rng = random.Random(f"{seed}:{epoch}")
+    rng.shuffle(order)
+    if group_by_length:
+        mega = batch_size * MEGA_BATCH
+        order = [i for k in range(0, len(order), mega) for i in sorted(order[k : k + mega], key=lambda i: -lengths[i])]
+    result = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+    if group_by_length:
+        rng.shuffle(result)
+    return result
+
+
+def token_efficiency(attention_mask: torch.Tensor) -> float:
+    """Real tokens / all tokens of a padded batch."""
+    return float(attention_mask.sum()) / attention_mask.numel()

@@ -1,0 +1,460 @@
+"""`defectvlm train --phase N`: the training recipe, top to bottom.
+
+setup (distributed, base model or the previous phase's best, the phase's trainable
+parameters, data, DeepSpeed engine) -> train (steps, logs, evaluation, checkpoints,
+best model) -> save (best/, metrics.json, the trainable-parameter table).
+
+One process by default; `torchrun --nproc_per_node N -m defectvlm train ...` runs N data-
+parallel ranks (gloo on CPU, NCCL on GPU). `--resume` continues from the last checkpoint
+exactly: weights, optimizer, scheduler, RNG states and the position in the data order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import socket
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from rich.console import Console
+from rich.table import Table
+
+from defectvlm.config import Params, PhaseParams, params_to_dict
+from defectvlm.errors import StepFailure
+from defectvlm.io import read_jsonl, write_json_atomic
+from defectvlm.models.families import get_family
+from defectvlm.models.loading import load_base
+from defectvlm.train.artifacts import load_trained, save_trained, trained_tensors
+from defectvlm.train.data import IGNORE_INDEX, Collator, SftDataset, batches, token_efficiency
+from defectvlm.train.phases import apply_phase, canonical, check_invariants, param_groups, trainable_table
+
+console = Console(stderr=True, soft_wrap=True)
+CHECKPOINTS = "checkpoints"
+BEST = "best"
+
+
+@dataclass
+class TrainerState:
+    """What --resume needs beyond DeepSpeed's own checkpoint."""
+
+    global_step: int = 0
+    epoch: int = 0
+    micro_in_epoch: int = 0  # micro-batches of this rank already done in `epoch`
+    best_metric: float | None = None
+    best_step: int | None = None
+    history: list[dict] = field(default_factory=list)
+
+
+# --- setup -----------------------------------------------------------------------------
+
+
+def init_distributed() -> tuple[int, int]:
+    """Rank and world size; a plain `defectvlm train` is a world of one."""
+    if "RANK" not in os.environ:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def phase_dir(params: Params, phase: int) -> Path:
+    return Path(params.train.output_dir) / f"phase{phase}"
+
+
+def starting_point(params: Params, phase: int) -> Path | None:
+    """The best/ of the last earlier phase that ran (None for phase 1)."""
+    for earlier in range(phase - 1, 0, -1):
+        best = phase_dir(params, earlier) / BEST
+        if params.train.phase(earlier).enabled:
+            if not best.exists():
+                raise StepFailure(
+                    f"phase {phase} starts from phase {earlier}, but {best} does not exist: train it first"
+                )
+            return best
+    return None
+
+
+def deepspeed_config(params: Params, world: int) -> dict:
+    train = params.train
+    try:
+        config = json.loads(Path(train.deepspeed).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise StepFailure(f"train.deepspeed: cannot read {train.deepspeed}: {exc.strerror}") from None
+    filled = {
+        "train_micro_batch_size_per_gpu": train.batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "train_batch_size": train.batch_size * train.grad_accum * world,
+        "gradient_clipping": train.max_grad_norm,
+    }
+    for key, value in filled.items():
+        if config.get(key, "auto") == "auto":
+            config[key] = value
+    for precision in ("bf16", "fp16"):
+        if config.get(precision, {}).get("enabled") == "auto":
+            config[precision]["enabled"] = precision == "bf16" and torch.cuda.is_available()
+    config.setdefault("steps_per_print", 10**9)
+    return config
+
+
+def build_model(params: Params, phase_number: int, phase: PhaseParams):
+    family = get_family(params.model.family)
+    base, processor = load_base(params.model, qlora=params.train.qlora)
+    model = apply_phase(base, family, phase, params.train.lora)
+    start = starting_point(params, phase_number)
+    if start is not None:
+        load_trained(model, start)
+    if params.train.gradient_checkpointing:
+        model.enable_input_require_grads()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    check_invariants(model, family, phase_number, phase)
+    return model, processor, family, start
+
+
+def load_split(params: Params, sft_dir: Path, split: str, processor) -> tuple[SftDataset, int]:
+    samples = read_jsonl(sft_dir / f"{split}.jsonl")
+    if samples and "meta" not in samples[0]:
+        raise StepFailure(f"{sft_dir}/{split}.jsonl is not in the native format: run build-sft with --format native")
+    dataset = SftDataset(samples, processor)
+    keep = [i for i, item in enumerate(dataset.items) if item.length <= params.train.max_length]
+    skipped = len(dataset.items) - len(keep)
+    dataset.items = [dataset.items[i] for i in keep]
+    dataset.samples = [dataset.samples[i] for i in keep]
+    return dataset, skipped
+
+
+def lr_lambda(total_steps: int, warmup_ratio: float):
+    warmup = max(1, int(total_steps * warmup_ratio))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+# --- train -----------------------------------------------------------------------------
+
+
+def train_phase(params: Params, phase_number: int, sft_dir: Path, resume: bool = False, tracking=None) -> dict:
+    """Run one phase and return its metrics (see the module doc)."""
+    phase = params.train.phase(phase_number)
+    out = phase_dir(params, phase_number)
+    rank, world = init_distributed()
+    if not phase.enabled:
+        start = starting_point(params, phase_number)
+        if rank == 0:
+            write_json_atomic(out / "phase.json", {"phase": phase_number, "enabled": False, "starts_from": str(start)})
+        return {"phase": phase_number, "enabled": False}
+
+    _seed_everything(params.train.seed)
+    model, processor, family, start = build_model(params, phase_number, phase)
+    table = trainable_table(model, family)
+    if rank == 0:
+        _print_table(table, phase_number)
+
+    train_set, skipped_train = load_split(params, sft_dir, "train", processor)
+    val_set, skipped_val = load_split(params, sft_dir, "val", processor)
+    collate = Collator(processor)
+    lengths = [item.length for item in train_set.items]
+    micro_per_epoch = len(batches(lengths, params.train.batch_size, 0, 0, False)) // world
+    steps_per_epoch = max(1, micro_per_epoch // params.train.grad_accum)
+    total_steps = phase.max_steps or math.ceil(phase.epochs * steps_per_epoch)
+
+    groups = param_groups(model, family, phase)
+    optimizer = torch.optim.AdamW(
+        [{"params": g["params"], "lr": g["lr"], "name": g["name"]} for g in groups],
+        weight_decay=params.train.weight_decay,
+    )
+    factor = lr_lambda(total_steps, params.train.warmup_ratio)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
+        config=deepspeed_config(params, world),
+    )
+    state = TrainerState()
+    checkpoints = out / CHECKPOINTS
+    if resume:
+        state = _load_checkpoint(engine, checkpoints, rank)
+    elif rank == 0 and out.exists():
+        shutil.rmtree(out)
+    dist.barrier()
+
+    logger = tracking.phase_logger(params, phase_number, table) if (tracking and rank == 0) else None
+    efficiency_sum = efficiency_n = 0
+    running_loss, running_n = 0.0, 0
+    epoch = state.epoch
+    while state.global_step < total_steps:
+        order = batches(lengths, params.train.batch_size, params.train.seed, epoch, params.train.group_by_length)
+        mine = order[rank::world][:micro_per_epoch]
+        for micro, indices in enumerate(mine):
+            if epoch == state.epoch and micro < state.micro_in_epoch:
+                continue  # done before the checkpoint we resumed from
+            batch = collate([train_set[i] for i in indices])
+            efficiency_sum += token_efficiency(batch["attention_mask"])
+            efficiency_n += 1
+            loss = engine(**_to_device(batch, engine)).loss
+            engine.backward(loss)
+            engine.step()
+            running_loss += loss.item()
+            running_n += 1
+            state.epoch, state.micro_in_epoch = epoch, micro + 1
+            if not engine.is_gradient_accumulation_boundary():
+                continue
+            state.global_step += 1
+            step = state.global_step
+            if step % params.train.logging_steps == 0 or step == total_steps:
+                record = {
+                    "step": step,
+                    "loss": _mean_across_ranks(running_loss / running_n),
+                    "token_efficiency": _mean_across_ranks(efficiency_sum / efficiency_n),
+                    **{f"lr_{g['name']}": lr for g, lr in zip(groups, scheduler.get_last_lr(), strict=True)},
+                }
+                running_loss, running_n = 0.0, 0
+                _log(record, logger, rank)
+            if step % params.train.eval_steps == 0 or step == total_steps:
+                _evaluate_and_keep_best(
+                    engine,
+                    val_set,
+                    collate,
+                    params,
+                    state,
+                    step,
+                    out,
+                    processor,
+                    family,
+                    start,
+                    phase_number,
+                    logger,
+                    rank,
+                    world,
+                )
+            if step % params.train.save_steps == 0 and step < total_steps:
+                _save_checkpoint(engine, checkpoints, state, params.train.save_total_limit, rank)
+            if step >= total_steps:
+                break
+        else:
+            epoch += 1
+            state.epoch, state.micro_in_epoch = epoch, 0
+            continue
+        break
+
+    metrics = {
+        "phase": phase_number,
+        "enabled": True,
+        "world_size": world,
+        "weights_digest_per_rank": _digests_across_ranks(engine),
+        "steps": state.global_step,
+        "steps_per_epoch": steps_per_epoch,
+        "best_step": state.best_step,
+        params.train.metric_for_best_model: state.best_metric,
+        "token_efficiency": round(_mean_across_ranks(efficiency_sum / max(1, efficiency_n)), 4),
+        "train_samples": len(train_set),
+        "val_samples": len(val_set),
+        "skipped_too_long": {"train": skipped_train, "val": skipped_val},
+        "history": state.history,
+    }
+    if rank == 0:
+        write_json_atomic(out / "metrics.json", metrics)
+        write_json_atomic(out / "trainable.json", table)
+        write_json_atomic(out / "params.json", params_to_dict(params))
+        write_json_atomic(out / "phase.json", _phase_info(params, phase_number, start, family))
+        if logger:
+            logger.finish(metrics, out)
+    dist.barrier()
+    return metrics
+
+
+def _to_device(batch: dict, engine) -> dict:
+    device = engine.device
+    dtype = next(p.dtype for p in engine.module.parameters())
+    moved = {}
+    for key, value in batch.items():
+        value = value.to(device)
+        if value.is_floating_point():
+            value = value.to(dtype)
+        moved[key] = value
+    return moved
+
+
+def weights_digest(named_tensors) -> str:
+    """A digest of trained tensors (name, shape, bytes), equal iff the weights are equal."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(named_tensors, key=lambda item: item[0]):
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _digests_across_ranks(engine) -> list[str]:
+    """Each rank's digest of its trainable weights (all equal when data parallelism is sound)."""
+    model = engine.module
+    trainable = [(canonical(n), p) for n, p in model.named_parameters() if p.requires_grad]
+    gathered = (
+        deepspeed.zero.GatheredParameters([p for _, p in trainable])
+        if engine.zero_optimization_stage() == 3
+        else contextlib.nullcontext()
+    )
+    with gathered:
+        mine = weights_digest(trainable)
+    everyone: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+def _mean_across_ranks(value: float) -> float:
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return float(tensor.item() / dist.get_world_size())
+
+
+@torch.no_grad()
+def evaluation_loss(engine, val_set: SftDataset, collate: Collator, batch_size: int, rank: int, world: int) -> float:
+    """Token-weighted mean loss over the answer tokens of the whole validation split."""
+    engine.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    indices = list(range(len(val_set)))
+    for start in range(rank * batch_size, len(indices), batch_size * world):
+        batch = collate([val_set[i] for i in indices[start : start + batch_size]])
+        tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        loss = engine(**_to_device(batch, engine)).loss
+        total += torch.tensor([loss.item() * tokens, tokens], dtype=torch.float64)
+    dist.all_reduce(total)
+    engine.train()
+    return float(total[0] / max(total[1], 1))
+
+
+def _evaluate_and_keep_best(
+    engine, val_set, collate, params, state, step, out, processor, family, start, phase_number, logger, rank, world
+):
+    metrics = {"eval_loss": evaluation_loss(engine, val_set, collate, params.train.batch_size, rank, world)}
+    key = params.train.metric_for_best_model
+    if key not in metrics:
+        raise StepFailure(f"train.metric_for_best_model: {key!r} is not computed (available: {', '.join(metrics)})")
+    value = metrics[key]
+    better = state.best_metric is None or (
+        value > state.best_metric if params.train.greater_is_better else value < state.best_metric
+    )
+    state.history.append({"step": step, **metrics})
+    _log({"step": step, **metrics}, logger, rank)
+    if better:
+        state.best_metric, state.best_step = value, step
+        save_best(engine, out / BEST, processor, family, _phase_info(params, phase_number, start, family, step), rank)
+
+
+def save_best(engine, directory: Path, processor, family, info: dict, rank: int) -> None:
+    """Write best/ from the engine's current weights (gathered when ZeRO-3 partitions them)."""
+    model = engine.module
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    gathered = (
+        deepspeed.zero.GatheredParameters(trainable)
+        if engine.zero_optimization_stage() == 3
+        else contextlib.nullcontext()
+    )
+    with gathered:
+        if rank == 0:
+            lora, non_lora = trained_tensors(model, family)
+    if rank == 0:
+        tmp = directory.with_name(directory.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_trained(tmp, model, lora, non_lora, processor, info)
+        shutil.rmtree(directory, ignore_errors=True)
+        tmp.rename(directory)
+    dist.barrier()
+
+
+def _phase_info(params: Params, phase_number: int, start: Path | None, family, step: int | None = None) -> dict:
+    return {
+        "phase": phase_number,
+        "enabled": True,
+        "family": family.name,
+        "base": params.model.name_or_path,
+        "starts_from": str(start) if start else None,
+        "step": step,
+        "min_pixels": params.model.min_pixels,
+        "max_pixels": params.model.max_pixels,
+        "phase_params": asdict(params.train.phase(phase_number)),
+        "lora": asdict(params.train.lora),
+    }
+
+
+# --- checkpoints -----------------------------------------------------------------------
+
+
+def _save_checkpoint(engine, root: Path, state: TrainerState, limit: int, rank: int) -> None:
+    tag = f"step-{state.global_step:06d}"
+    (root / tag).mkdir(parents=True, exist_ok=True)
+    # RNG first: DeepSpeed writes `latest` last, so a kill mid-save resumes from the previous tag
+    torch.save(_rng_state(), root / tag / f"rng_rank{rank}.pt")
+    engine.save_checkpoint(str(root), tag=tag, client_state={"trainer_state": asdict(state)})
+    dist.barrier()
+    if rank == 0:
+        tags = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
+        for old in tags[:-limit]:
+            shutil.rmtree(old)
+
+
+def _load_checkpoint(engine, root: Path, rank: int) -> TrainerState:
+    if not (root / "latest").exists():
+        raise StepFailure(f"--resume: no checkpoint in {root}")
+    path, client = engine.load_checkpoint(str(root))
+    if path is None:
+        raise StepFailure(f"--resume: could not load the checkpoint in {root}")
+    tag = (root / "latest").read_text().strip()
+    _set_rng_state(torch.load(root / tag / f"rng_rank{rank}.pt", weights_only=False))
+    state = TrainerState(**client["trainer_state"])
+    if rank == 0:
+        console.print(f"resumed from {root / tag} at step {state.global_step}")
+    return state
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.random.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.random.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# --- reporting -------------------------------------------------------------------------
+
+
+def _log(record: dict, logger, rank: int) -> None:
+    if rank != 0:
+        return
+    console.print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+    if logger:
+        logger.log_metrics(record)
+
+
+def _print_table(table: list[dict], phase_number: int) -> None:
+    view = Table("module group", "kind", "trainable", "total", title=f"phase {phase_number}: trainable parameters")
+    for row in table:
+        view.add_row(row["group"], row["kind"], f"{row['trainable']:,}", f"{row['total']:,}")
+    console.print(view)
