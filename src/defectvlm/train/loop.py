@@ -59,13 +59,23 @@ class TrainerState:
 
 def init_distributed() -> tuple[int, int]:
     """Rank and world size; a plain `defectvlm train` is a world of one."""
-    if "RANK" not in os.environ:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if "RANK" in os.environ:  # launched by torchrun
+            deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        else:  # a world of one on a free port; MASTER_* stay unset so child processes (torchrun) pick their own
+            os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine reads it
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            deepspeed.init_distributed(
+                dist_backend=backend,
+                init_method=f"tcp://127.0.0.1:{port}",
+                rank=0,
+                world_size=1,
+                auto_mpi_discovery=False,
+                verbose=False,
+            )
     return dist.get_rank(), dist.get_world_size()
 
 
