@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from defectvlm.config import load_params
 from defectvlm.models.families import get_family
 from defectvlm.models.tiny import build_tiny
 from defectvlm.tracking.mlflow_tracking import MlflowTracking

@@ -19,6 +19,7 @@ import os
 import random
 import shutil
 import socket
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -206,7 +207,9 @@ def train_phase(params: Params, phase_number: int, sft_dir: Path, resume: bool =
 
     logger = tracking.phase_logger(params, phase_number, table) if (tracking and rank == 0) else None
     efficiency_sum = efficiency_n = 0
+    tokens_real = tokens_padded = 0
     running_loss, running_n = 0.0, 0
+    started = time.perf_counter()
     epoch = state.epoch
     while state.global_step < total_steps:
         order = batches(lengths, params.train.batch_size, params.train.seed, epoch, params.train.group_by_length)
@@ -217,6 +220,8 @@ def train_phase(params: Params, phase_number: int, sft_dir: Path, resume: bool =
             batch = collate([train_set[i] for i in indices])
             efficiency_sum += token_efficiency(batch["attention_mask"])
             efficiency_n += 1
+            tokens_real += int(batch["attention_mask"].sum())
+            tokens_padded += batch["attention_mask"].numel()
             loss = engine(**_to_device(batch, engine)).loss
             engine.backward(loss)
             engine.step()
@@ -273,6 +278,8 @@ def train_phase(params: Params, phase_number: int, sft_dir: Path, resume: bool =
         "best_step": state.best_step,
         params.train.metric_for_best_model: state.best_metric,
         "token_efficiency": round(_mean_across_ranks(efficiency_sum / max(1, efficiency_n)), 4),
+        "tokens": {"real": tokens_real * world, "padded": tokens_padded * world},
+        "train_seconds": round(time.perf_counter() - started, 2),
         "train_samples": len(train_set),
         "val_samples": len(val_set),
         "skipped_too_long": {"train": skipped_train, "val": skipped_val},
