@@ -11,11 +11,19 @@ from defectvlm.cli import main
 REPO = Path(__file__).resolve().parents[1]
 
 
+def deep_merge(base: dict, overrides: dict) -> dict:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and not key.endswith("label_map"):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def write_params(path: Path, overrides: dict) -> Path:
-    """params.yaml = the repo's params.yaml with `overrides` merged in (section by section)."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
-    for section, values in overrides.items():
-        params.setdefault(section, {}).update(values)
+    """params.yaml = the repo's params.yaml with `overrides` merged in (nested sections too)."""
+    params = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8")), overrides)
     path.write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
     return path
 
