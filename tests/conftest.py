@@ -42,3 +42,22 @@ def params_file(tmp_path: Path):
         return write_params(tmp_path / "params.yaml", sections)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def sft_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("prepared")
+    raw = root / "raw"
+    assert run_cli("demo-data", "--out", raw, "--n-abnormal", 16, "--n-normal", 16, "--seed", 5) == 0
+    params = write_params(
+        root / "params.yaml",
+        {"data": {"abnormal_root": str(raw / "abnormal_root"), "normal_root": str(raw / "normal_root")}},
+    )
+    steps = [("ingest", "01"), ("split", "02"), ("regions", "03"), ("build-sft", "04")]
+    previous = None
+    for step, folder in steps:
+        args = [step, "--params", params, "--out", root / folder]
+        args += ["--quiet"] if step == "ingest" else ["--in", root / previous]
+        assert run_cli(*args) == 0
+        previous = folder
+    return root / "04"

@@ -176,6 +176,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from defectvlm.evaluate.run import evaluate
+
+    params = _load(args)
+    metrics = evaluate(
+        params,
+        args.run,
+        Path(args.input),
+        Path(args.out),
+        split=args.split,
+        mode=args.mode,
+        baseline=not args.no_baseline,
+    )
+    table = Table("model", "level", "precision", "recall", "F1", "AUROC", title=f"{metrics['run']} on {args.split}")
+    for title, result in (("fine-tuned", metrics["test"]), ("base", metrics.get("baseline"))):
+        for level in ("roi", "image") if result else ():
+            m = result[level]
+            table.add_row(title, level, str(m["precision"]), str(m["recall"]), str(m["f1"]), str(m["auroc"]))
+    console.print(table)
+    console.print(f"threshold {metrics['test']['threshold']:.4f} (chosen on val); report: {args.out}/report.md")
+    if not args.no_tracking and metrics["run"] != "base":
+        from defectvlm.tracking.mlflow_tracking import log_evaluation
+
+        if log_evaluation(params, Path(metrics["run"]), metrics, Path(args.out)):
+            console.print("logged to the phase's MLflow run")
+    return 0
+
+
 def _print_ingest_summary(report: dict) -> None:
     table = Table("kind", "accepted", "repaired", "rejected", title="ingest")
     for kind, counts in report["counts_by_kind"].items():
@@ -248,6 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in", dest="input", default="data/04_sft", help="folder with native SFT files")
     p.add_argument("--resume", action="store_true", help="continue from the phase's last checkpoint")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+
+    p = step("evaluate", cmd_evaluate, "ROI- and image-level metrics, threshold from val, plots and a report.")
+    p.add_argument("--run", default="last", help="runs/phaseN, 'last' (last enabled phase) or 'base' (untrained)")
+    p.add_argument("--split", default="test", choices=("val", "test"))
+    p.add_argument("--mode", default="score", choices=("score", "generate"), help="teacher-forced scores or free text")
+    p.add_argument("--in", dest="input", default="data/04_sft", help="folder with native SFT files")
+    p.add_argument("--out", default="reports", help="output folder (default: reports)")
+    p.add_argument("--no-baseline", action="store_true", help="skip evaluating the untrained base")
+    p.add_argument("--no-tracking", action="store_true", help="do not log to the phase's MLflow run")
     return parser
 
 

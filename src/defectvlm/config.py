@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
 
 class ConfigError(ValueError):
     """A parameter file that cannot be used; the message names file, line and key."""
@@ -277,8 +279,10 @@ class TrainParams:
     eval_steps: int = param(20, "Validation loss every N steps (and at the end).")
     save_steps: int = param(20, "Checkpoint (for --resume) every N steps.")
     save_total_limit: int = param(2, "Checkpoints kept (the best model is kept apart).")
-    metric_for_best_model: str = param("eval_loss", "Metric that picks the best checkpoint.")
-    greater_is_better: bool = param(False, "Whether a larger metric is better.")
+    metric_for_best_model: Literal["roi_f1", "eval_loss"] = param(
+        "roi_f1", "Metric that picks the best checkpoint: val ROI-level F1 (scoring pass) or val loss."
+    )
+    greater_is_better: bool = param(True, "Whether a larger metric is better (true for roi_f1, false for eval_loss).")
     lora: LoraParams = param(LoraParams(), "LoRA shape.")
     phase1: PhaseParams = param(PhaseParams(epochs=3.0), "Phase 1: vision tower frozen; projector + LM LoRA.")
     phase2: PhaseParams = param(
@@ -425,6 +429,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         return {str(k): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-4 (no dot) as text
     if (
         hint is bool
         and not isinstance(value, bool)

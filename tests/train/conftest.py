@@ -1,34 +1,13 @@
-"""A small SFT dataset prepared once (demo -> ingest -> split -> regions -> build-sft) and
-params that train the tiny model for a few steps."""
+"""Params that train the tiny model for a few steps (the SFT data: tests/conftest.py's sft_dir)."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
 from defectvlm.config import load_params
-from tests.conftest import REPO, run_cli, write_params
-
-
-@pytest.fixture(scope="session")
-def sft_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("prepared")
-    raw = root / "raw"
-    assert run_cli("demo-data", "--out", raw, "--n-abnormal", 16, "--n-normal", 16, "--seed", 5) == 0
-    params = write_params(
-        root / "params.yaml",
-        {"data": {"abnormal_root": str(raw / "abnormal_root"), "normal_root": str(raw / "normal_root")}},
-    )
-    steps = [("ingest", "01"), ("split", "02"), ("regions", "03"), ("build-sft", "04")]
-    previous = None
-    for step, folder in steps:
-        args = [step, "--params", params, "--out", root / folder]
-        args += ["--quiet"] if step == "ingest" else ["--in", root / previous]
-        assert run_cli(*args) == 0
-        previous = folder
-    return root / "04"
+from tests.conftest import REPO, write_params
 
 
 def train_overrides(tmp_path: Path, **train) -> dict:
@@ -56,7 +35,3 @@ def train_params(tmp_path):
         return path, load_params(path)
 
     return make
-
-
-def copy_tree(source: Path, target: Path) -> None:
-    shutil.copytree(source, target, dirs_exist_ok=True)

@@ -53,3 +53,29 @@ class PhaseRun:
     def finish(self, metrics: dict, out: Path) -> None:
         self.mlflow.log_dict(metrics, "metrics.json")
         self.mlflow.end_run()
+
+
+def log_evaluation(params: Params, run_dir: Path, metrics: dict, report_dir: Path) -> str | None:
+    """Add evaluation metrics, plots and the report to the training phase's MLflow run."""
+    import mlflow
+
+    train_metrics = run_dir / "metrics.json"
+    run_id = (
+        json.loads(train_metrics.read_text(encoding="utf-8")).get("mlflow_run_id") if train_metrics.exists() else None
+    )
+    if run_id is None:
+        return None
+    mlflow.set_tracking_uri(params.tracking.uri)
+    values = {}
+    for part in ("test", "baseline"):
+        for level in ("roi", "image"):
+            for key, value in ((metrics.get(part) or {}).get(level) or {}).items():
+                if isinstance(value, (int, float)):
+                    values[f"{part}_{level}_{key}"] = float(value)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_metrics(values)
+        mlflow.log_metric("threshold", float(metrics["test"]["threshold"]))
+        mlflow.log_artifacts(str(report_dir / "plots"), "evaluation/plots")
+        mlflow.log_artifact(str(report_dir / "report.md"), "evaluation")
+        mlflow.log_artifact(str(report_dir / "metrics.json"), "evaluation")
+    return run_id

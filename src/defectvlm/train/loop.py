@@ -31,6 +31,8 @@ from rich.table import Table
 
 from defectvlm.config import Params, PhaseParams, params_to_dict
 from defectvlm.errors import StepFailure
+from defectvlm.evaluate.metrics import best_threshold
+from defectvlm.evaluate.scoring import score_samples
 from defectvlm.io import read_jsonl, write_json_atomic
 from defectvlm.models.families import get_family
 from defectvlm.models.loading import load_base
@@ -138,6 +140,8 @@ def load_split(params: Params, sft_dir: Path, split: str, processor) -> tuple[Sf
     if samples and "meta" not in samples[0]:
         raise StepFailure(f"{sft_dir}/{split}.jsonl is not in the native format: run build-sft with --format native")
     dataset = SftDataset(samples, processor)
+    summary = sft_dir / "sft_summary.json"
+    dataset.classes = json.loads(summary.read_text(encoding="utf-8"))["classes"] if summary.exists() else []
     keep = [i for i, item in enumerate(dataset.items) if item.length <= params.train.max_length]
     skipped = len(dataset.items) - len(keep)
     dataset.items = [dataset.items[i] for i in keep]
@@ -285,6 +289,8 @@ def train_phase(params: Params, phase_number: int, sft_dir: Path, resume: bool =
         "skipped_too_long": {"train": skipped_train, "val": skipped_val},
         "history": state.history,
     }
+    if logger:
+        metrics["mlflow_run_id"] = logger.run.info.run_id
     if rank == 0:
         write_json_atomic(out / "metrics.json", metrics)
         write_json_atomic(out / "trainable.json", table)
@@ -356,10 +362,21 @@ def evaluation_loss(engine, val_set: SftDataset, collate: Collator, batch_size: 
     return float(total[0] / max(total[1], 1))
 
 
+def validation_roi_f1(engine, processor, val_set: SftDataset, classes: list[str], rank: int, world: int) -> float:
+    """The scoring pass on val (sharded over ranks): ROI-level F1 at its best threshold."""
+    mine = score_samples(engine.module, processor, val_set.samples[rank::world], classes)
+    everyone: list[list[dict] | None] = [None] * world
+    dist.all_gather_object(everyone, mine)
+    rows = [row for part in everyone for row in part]
+    return best_threshold([int(r["truth"] == "abnormal") for r in rows], [r["score"] for r in rows])[1]
+
+
 def _evaluate_and_keep_best(
     engine, val_set, collate, params, state, step, out, processor, family, start, phase_number, logger, rank, world
 ):
     metrics = {"eval_loss": evaluation_loss(engine, val_set, collate, params.train.batch_size, rank, world)}
+    if params.train.metric_for_best_model == "roi_f1":
+        metrics["roi_f1"] = validation_roi_f1(engine, processor, val_set, val_set.classes, rank, world)
     key = params.train.metric_for_best_model
     if key not in metrics:
         raise StepFailure(f"train.metric_for_best_model: {key!r} is not computed (available: {', '.join(metrics)})")

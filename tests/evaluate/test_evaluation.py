@@ -1,0 +1,128 @@
+"""Scoring pass, metrics, thresholds, the lenient parser and the report."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
+
+from defectvlm.config import params_from_dict
+from defectvlm.evaluate.metrics import best_threshold, binary_metrics
+from defectvlm.evaluate.run import evaluate
+from defectvlm.evaluate.scoring import answer_positions, parse_answer, score_samples, vocabulary
+from defectvlm.io import read_jsonl
+from defectvlm.models.tiny import build_tiny
+from defectvlm.train.data import load_image
+
+CLASSES = ["incomplete_spreading", "over_melt", "slag", "streak"]
+
+
+def test_metrics_agree_with_scikit_learn_on_random_predictions():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        truth = rng.integers(0, 2, 200).tolist()
+        scores = rng.random(200).tolist()
+        threshold = float(rng.random())
+        m = binary_metrics(truth, scores, threshold)
+        predicted = [int(s >= threshold) for s in scores]
+        assert m["precision"] == pytest.approx(precision_score(truth, predicted, zero_division=0), abs=1e-4)
+        assert m["recall"] == pytest.approx(recall_score(truth, predicted), abs=1e-4)
+        assert m["f1"] == pytest.approx(f1_score(truth, predicted), abs=1e-4)
+        assert m["auroc"] == pytest.approx(roc_auc_score(truth, scores), abs=1e-4)
+        c = m["counts"]
+        assert c["tp"] + c["fp"] + c["fn"] + c["tn"] == 200 and c["tp"] + c["fn"] == sum(truth)
+
+
+def test_best_threshold_is_the_f1_maximum():
+    rng = np.random.default_rng(1)
+    truth = rng.integers(0, 2, 300)
+    scores = np.clip(truth * 0.3 + rng.random(300) * 0.7, 0, 1)
+    threshold, f1 = best_threshold(truth.tolist(), scores.tolist())
+    brute = max(f1_score(truth, scores >= t) for t in np.unique(scores))
+    assert f1 == pytest.approx(brute, abs=1e-9)
+    assert f1_score(truth, scores >= threshold) == pytest.approx(brute, abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("text", "parsed", "missing", "unknown"),
+    [
+        ("R1: normal\nR2: abnormal | slag", {"R1": ("normal", None), "R2": ("abnormal", "slag")}, [], 0),
+        ("R2：异常｜streak\n结论：发现 1 处缺陷", {"R2": ("abnormal", "streak")}, ["R1"], 0),
+        ("Sure! R1: abnormal | crack\nR1: normal", {"R1": ("abnormal", None)}, ["R2"], 1),
+        ("r1: Normal\nR9: abnormal | slag\ngarbage", {"R1": ("normal", None)}, ["R2"], 0),
+        ("", {}, ["R1", "R2"], 0),
+        (None, {}, ["R1", "R2"], 0),
+    ],
+)
+def test_answer_parser_is_lenient_and_counts_what_it_cannot_read(text, parsed, missing, unknown):
+    result = parse_answer(text, ["R1", "R2"], CLASSES)
+    assert result == {"regions": parsed, "missing": missing, "unknown_classes": unknown}
+
+
+def slow_reference(model, processor, sample, vocab) -> dict[str, float]:
+    """One forward per region: the conversation cut just before the region's label word."""
+    text = processor.apply_chat_template(sample["messages"], tokenize=False)
+    answer = sample["messages"][2]["content"]
+    answer_start = text.rindex(answer)
+    image = load_image(sample["images"][0])
+    scores = {}
+    for line in answer.split("\n"):
+        match = re.match(r"(R\d+): (abnormal|normal)", line)
+        if not match:
+            continue
+        cut = answer_start + answer.index(line) + len(match.group(1)) + 1  # before " abnormal"/" normal"
+        inputs = processor(text=[text[:cut]], images=[image], return_tensors="pt")
+        inputs.pop("mm_token_type_ids", None)
+        logits = model(**inputs).logits[0, -1]
+        scores[match.group(1)] = float(torch.softmax(logits[[vocab.abnormal, vocab.normal]], dim=0)[0])
+    return scores
+
+
+def test_scoring_pass_equals_one_forward_per_region(sft_dir):
+    model, processor = build_tiny(3136, 200704)
+    samples = read_jsonl(sft_dir / "val.jsonl")[:3]
+    rows = score_samples(model, processor, samples, CLASSES, batch_size=3)
+    vocab = vocabulary(processor.tokenizer, CLASSES)
+    assert len(rows) == sum(len(s["meta"]["regions"]) for s in samples)
+    with torch.no_grad():
+        for sample in samples:
+            reference = slow_reference(model, processor, sample, vocab)
+            fast = {r["rid"]: r["score"] for r in rows if r["image_id"] == sample["image_id"]}
+            assert fast.keys() == reference.keys()
+            for rid, value in reference.items():
+                assert fast[rid] == pytest.approx(value, abs=1e-5)
+    abnormal = [r for r in rows if r["truth"] == "abnormal"]
+    assert all(sum(r["class_probs"].values()) == pytest.approx(1, abs=1e-4) for r in abnormal)
+
+
+def test_answer_positions_point_at_label_words():
+    _, processor = build_tiny(3136, 200704)
+    tokenizer = processor.tokenizer
+    ids, positions = answer_positions(tokenizer, "R1: normal\nR2: abnormal | slag\n结论：x")
+    assert tokenizer.decode([ids[positions["R1"][0]]]) == " normal"
+    assert tokenizer.decode([ids[positions["R2"][0]]]) == " abnormal"
+    assert tokenizer.decode([ids[positions["R2"][1]]]) == " slag"
+
+
+@pytest.mark.slow
+def test_evaluate_writes_report_and_takes_the_threshold_from_val(sft_dir, tmp_path):
+    params = params_from_dict({})
+    metrics = evaluate(params, "base", sft_dir, tmp_path / "reports")
+    model, processor = build_tiny(params.model.min_pixels, params.model.max_pixels)
+    classes = json.loads((sft_dir / "sft_summary.json").read_text())["classes"]
+    val_rows = score_samples(model, processor, read_jsonl(sft_dir / "val.jsonl"), classes)
+    expected, _ = best_threshold([int(r["truth"] == "abnormal") for r in val_rows], [r["score"] for r in val_rows])
+    assert metrics["test"]["threshold"] == pytest.approx(expected, abs=1e-6)
+    test_rows = read_jsonl(tmp_path / "reports" / "predictions.jsonl")
+    on_test, _ = best_threshold([int(r["truth"] == "abnormal") for r in test_rows], [r["score"] for r in test_rows])
+    assert on_test != pytest.approx(expected)  # the test split would have picked another one
+    report = (tmp_path / "reports" / "report.md").read_text(encoding="utf-8")
+    links = re.findall(r"\]\(([^)]+)\)", report)
+    assert any(link.startswith("plots/") for link in links)
+    for link in links:
+        path = tmp_path / "reports" / link
+        assert path.exists() and path.stat().st_size > 1000, link
+    inference = json.loads((tmp_path / "reports" / "inference.json").read_text())
+    assert inference["chosen_on"] == "val" and inference["threshold"] == metrics["test"]["threshold"]
