@@ -1,7 +1,7 @@
 """Phase-1 training throughput on one GPU: the Qwen2.5-VL-7B architecture, random bf16 weights.
 
     python benchmarks/bench_train_gpu.py [--batch-size 4] [--steps 10] [--warmup 3] [--grad-ckpt]
-        [--lora-dropout 0.05] [--json result.json]
+        [--lora-dropout 0.05] [--vision-attn sdpa|varlen] [--vision-no-grad] [--json result.json]
 
 Each sample is one 1344x1024 image (1024 px short side; Qwen2.5-VL's resize gives a 74x96
 patch grid, 1776 image tokens) and 300 text tokens, the last 40 of them the supervised answer,

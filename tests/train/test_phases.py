@@ -109,3 +109,17 @@ def test_length_grouping_keeps_padding_low_and_covers_every_sample():
 
     assert efficiency(batches(lengths, 4, 1, 0, True)) > 0.95 > efficiency(batches(lengths, 4, 1, 0, False))
     assert batches(lengths, 4, 1, 0, True) == batches(lengths, 4, 1, 0, True) != batches(lengths, 4, 1, 1, True)
+
+
+def test_gradient_checkpointing_leaves_the_frozen_vision_tower_out_of_backward(sft_dir, tmp_path):
+    from defectvlm.train.loop import build_model
+
+    params = params_from_dict({"train": {"gradient_checkpointing": True, "output_dir": str(tmp_path)}})
+    model, processor, family, _ = build_model(params, 1, params.train.phase1)
+    patch_embed = model.get_base_model().get_submodule(family.vision_tower).get_input_embeddings()
+    assert not patch_embed._forward_hooks
+    batch, _ = tiny_batch(sft_dir, processor)
+    model.train()
+    model(**batch).loss.backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if ".visual.blocks." in n)
+    assert any(p.grad is not None for n, p in model.named_parameters() if ".lora_" in n)

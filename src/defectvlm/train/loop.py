@@ -129,8 +129,12 @@ def build_model(params: Params, phase_number: int, phase: PhaseParams):
     if start is not None:
         load_trained(model, start)
     if params.train.gradient_checkpointing:
-        model.enable_input_require_grads()
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers also makes the frozen vision tower's input require grad: the whole tower
+        # would be recomputed and back-propagated for nothing (4x slower steps on an H100)
+        vision = model.get_base_model().get_submodule(family.vision_tower)
+        if hasattr(vision, "get_input_embeddings"):
+            vision.get_input_embeddings()._forward_hooks.clear()
     check_invariants(model, family, phase_number, phase)
     return model, processor, family, start
 
