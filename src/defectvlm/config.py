@@ -207,6 +207,10 @@ class SftParams:
     noise_ratio: float = param(0.05, "Train only: share of samples whose system hint makes a wrong claim.")
     balance: Literal["none", "oversample", "undersample"] = param("none", "Train only: balance defect classes.")
     format: Literal["native", "swift", "llamafactory"] = param("native", "Output schema.")
+    region_encoding: Literal["coords", "coords+crops"] = param(
+        "coords", "Regions as box coordinates only, or also each region's crop as an extra image after its line."
+    )
+    crop_size: int = param(84, "coords+crops: side of the square crop image in pixels (a multiple of 28).")
     seed: int = param(42, "Seed; each sample's draws use seed + sample id.")
 
     def __post_init__(self) -> None:
@@ -217,6 +221,10 @@ class SftParams:
             _fail("sft.task_weights", "weights must be >= 0 and detect must be > 0")
         if not 0 <= self.noise_ratio <= 1:
             _fail("sft.noise_ratio", f"must be within [0, 1], got {self.noise_ratio}")
+        if self.crop_size < 28 or self.crop_size % 28:
+            _fail("sft.crop_size", f"must be a positive multiple of 28, got {self.crop_size}")
+        if self.region_encoding == "coords+crops" and self.format != "native":
+            _fail("sft.region_encoding", "coords+crops is written in the native format only")
 
 
 @dataclass(frozen=True)

@@ -123,3 +123,20 @@ def test_gradient_checkpointing_leaves_the_frozen_vision_tower_out_of_backward(s
     model(**batch).loss.backward()
     assert all(p.grad is None for n, p in model.named_parameters() if ".visual.blocks." in n)
     assert any(p.grad is not None for n, p in model.named_parameters() if ".lora_" in n)
+
+
+def test_region_crops_are_extra_images_and_stay_out_of_the_loss(sft_dir, tmp_path):
+    from defectvlm.config import SftParams
+    from defectvlm.data.sft import build_sft, load_knowledge, load_templates
+
+    params = SftParams(region_encoding="coords+crops")
+    regions = {s: read_jsonl(sft_dir.parent / "03" / f"{s}.jsonl") for s in ("train", "val", "test")}
+    samples = build_sft(regions, params, load_templates(params), load_knowledge(params)).splits["val"][:2]
+    _, processor = build_tiny(3136, 200704)
+    dataset = SftDataset(samples, processor)
+    batch = Collator(processor)([dataset[0], dataset[1]])
+    n_images = sum(1 + len(s["meta"]["regions"]) for s in samples)
+    assert batch["image_grid_thw"].shape[0] == n_images
+    assert [item.length for item in dataset.items] == batch["attention_mask"].sum(dim=1).tolist()
+    kept = batch["input_ids"][0][batch["labels"][0] != IGNORE_INDEX]
+    assert processor.tokenizer.decode(kept) == samples[0]["messages"][2]["content"] + "<|im_end|>"

@@ -190,3 +190,20 @@ def test_exports_validate_against_the_documented_schemas(fmt, schema):
         assert roles[-2:] == ["user", "assistant"]
         assert exported["messages"][-1]["content"] == sample["messages"][2]["content"]
     jsonschema.validate(llamafactory_dataset_info(), DATASET_INFO_SCHEMA)
+
+
+def test_coords_plus_crops_puts_each_region_crop_after_its_line():
+    result = build(SftParams(region_encoding="coords+crops"))
+    sample = result.splits["val"][0]
+    parts = sample["messages"][1]["content"]
+    crops = [p for p in parts if p["type"] == "image" and "crop" in p]
+    regions = sample["meta"]["regions"]
+    assert parts[0] == {"type": "image", "image": sample["images"][0]}
+    assert [c["crop"] for c in crops] == [r["xyxy"] for r in regions]
+    crop_positions = [i for i, p in enumerate(parts) if p["type"] == "image" and "crop" in p]
+    for position, region in zip(crop_positions, regions, strict=True):
+        assert parts[position - 1]["text"].strip().startswith(f"{region['rid']}: [")
+    text = "".join(p["text"] for p in parts if p["type"] == "text")
+    assert text.count("<regions>") == 1 and text.rstrip().endswith("</regions>")
+    with pytest.raises(Exception, match="native"):
+        SftParams(region_encoding="coords+crops", format="swift")

@@ -101,6 +101,23 @@ def regions_block(templates: dict, regions: list[dict]) -> str:
     return templates["regions_block"].format(lines="\n".join(lines))
 
 
+def user_content(image: dict, question: str, templates: dict, params: SftParams) -> list[dict]:
+    """The whole image, the question and the <regions> block; with coords+crops every region's
+    line is followed by its crop (an image part carrying the crop box and size)."""
+    whole = {"type": "image", "image": image["path"]}
+    if params.region_encoding == "coords":
+        return [whole, {"type": "text", "text": f"{question}\n{regions_block(templates, image['regions'])}"}]
+    opening, closing = templates["regions_block"].split("{lines}")
+    parts = [whole, {"type": "text", "text": f"{question}\n{opening}"}]
+    for i, region in enumerate(sorted(image["regions"], key=_rid_number)):
+        box = region["box"]
+        line = templates["region_line"].format(rid=region["rid"], x1=box[0], y1=box[1], x2=box[2], y2=box[3])
+        parts.append({"type": "text", "text": ("\n" if i else "") + line + " "})
+        parts.append({"type": "image", "image": image["path"], "crop": region["xyxy"], "size": params.crop_size})
+    parts.append({"type": "text", "text": closing})
+    return parts
+
+
 def region_line(templates: dict, region: dict) -> str:
     answers = templates["answers"]
     if region["label"] == "abnormal":
@@ -172,7 +189,6 @@ def build_sample(
         system += "\n" + templates["hint"].format(claim=noise["claim"])
 
     question = templates["questions"][task][question_index].format(rid=target["rid"] if target else "")
-    user_text = f"{question}\n{regions_block(templates, regions)}"
     answer = _answer(task, target, rng, templates, knowledge, regions, params)
     return {
         "id": sample_id,
@@ -182,10 +198,7 @@ def build_sample(
         "images": [image["path"]],
         "messages": [
             {"role": "system", "content": system},
-            {
-                "role": "user",
-                "content": [{"type": "image", "image": image["path"]}, {"type": "text", "text": user_text}],
-            },
+            {"role": "user", "content": user_content(image, question, templates, params)},
             {"role": "assistant", "content": answer},
         ],
         "meta": {
@@ -337,7 +350,7 @@ def build_sft(regions: dict[str, list[dict]], params: SftParams, templates: dict
 def _plain_messages(sample: dict) -> list[dict]:
     """Messages with the image as an `<image>` token in the user text (swift / LLaMA-Factory)."""
     system, user, assistant = sample["messages"]
-    text = next(part["text"] for part in user["content"] if part["type"] == "text")
+    text = "".join(part["text"] for part in user["content"] if part["type"] == "text")
     return [
         {"role": "system", "content": system["content"]},
         {"role": "user", "content": f"{IMAGE_TOKEN}{text}"},

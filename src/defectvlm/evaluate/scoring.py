@@ -147,7 +147,7 @@ def image_scores(rows: list[dict]) -> dict[str, dict]:
 @torch.no_grad()
 def generate_answers(model, processor, samples: list[dict], max_new_tokens: int | list[int] = 160) -> list[str]:
     """Greedy answers; `max_new_tokens` for all samples or one budget per sample."""
-    from defectvlm.train.data import load_image
+    from defectvlm.train.data import image_parts, load_part
 
     model.eval()
     device = next(model.parameters()).device
@@ -155,7 +155,9 @@ def generate_answers(model, processor, samples: list[dict], max_new_tokens: int 
     answers = []
     for sample, budget in zip(samples, budgets, strict=True):
         prompt = processor.apply_chat_template(sample["messages"][:-1], tokenize=False, add_generation_prompt=True)
-        inputs = processor(text=[prompt], images=[load_image(sample["images"][0])], return_tensors="pt").to(device)
+        cache: dict = {}
+        images = [load_part(part, cache) for part in image_parts(sample)]
+        inputs = processor(text=[prompt], images=images, return_tensors="pt").to(device)
         inputs.pop("mm_token_type_ids", None)
         output = _causal_lm(model).generate(**inputs, max_new_tokens=budget, do_sample=False)
         answers.append(processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))

@@ -15,10 +15,37 @@ IGNORE_INDEX = -100
 MEGA_BATCH = 32  # batches sorted by length together before their order is shuffled
 
 
+CROP_CONTEXT = 0.25  # context around a region's box in its crop, per side, as a fraction of the box
+
+
 def load_image(path: str) -> Image.Image:
     """RGB, EXIF orientation applied: the displayed frame the boxes are written in."""
     with Image.open(path) as image:
         return ImageOps.exif_transpose(image).convert("RGB")
+
+
+def image_parts(sample: dict) -> list[dict]:
+    """The image parts of the conversation, in order: the whole image, then any region crops."""
+    return [
+        part
+        for message in sample["messages"]
+        if isinstance(message["content"], list)
+        for part in message["content"]
+        if part["type"] == "image"
+    ]
+
+
+def load_part(part: dict, cache: dict[str, Image.Image]) -> Image.Image:
+    """An image part: the whole image, or a square crop around a region's box (`crop`, `size`)."""
+    if part["image"] not in cache:
+        cache[part["image"]] = load_image(part["image"])
+    image = cache[part["image"]]
+    if "crop" not in part:
+        return image
+    x1, y1, x2, y2 = part["crop"]
+    dx, dy = (x2 - x1) * CROP_CONTEXT + 2, (y2 - y1) * CROP_CONTEXT + 2
+    box = (max(0, x1 - dx), max(0, y1 - dy), min(image.width, x2 + dx), min(image.height, y2 + dy))
+    return image.crop(tuple(round(v) for v in box)).resize((part["size"], part["size"]), Image.Resampling.BILINEAR)
 
 
 def prompt_messages(sample: dict) -> list[dict]:
@@ -28,8 +55,8 @@ def prompt_messages(sample: dict) -> list[dict]:
 @dataclass
 class Encoded:
     text: str  # the whole conversation rendered by the chat template
-    image: str
-    length: int  # tokens after the processor expands the image
+    images: list[dict]  # image parts in order (see image_parts)
+    length: int  # tokens after the processor expands the images
 
 
 class SftDataset(torch.utils.data.Dataset):
@@ -47,13 +74,20 @@ class SftDataset(torch.utils.data.Dataset):
 
     def _encode(self, sample: dict) -> Encoded:
         text = self.processor.apply_chat_template(sample["messages"], tokenize=False)
-        path = sample["images"][0]
-        with Image.open(path) as image:  # the header only
-            width, height = image.size[::-1] if _rotated(image) else image.size
-        h, w = smart_resize(height, width, factor=self.factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
-        image_tokens = (h // self.factor) * (w // self.factor)
+        parts = image_parts(sample)
+        image_tokens = 0
+        for part in parts:
+            if "crop" in part:
+                width = height = part["size"]
+            else:
+                with Image.open(part["image"]) as image:  # the header only
+                    width, height = image.size[::-1] if _rotated(image) else image.size
+            h, w = smart_resize(
+                height, width, factor=self.factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels
+            )
+            image_tokens += (h // self.factor) * (w // self.factor) - 1  # minus the placeholder it replaces
         text_tokens = len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return Encoded(text, path, text_tokens - 1 + image_tokens)
+        return Encoded(text, parts, text_tokens + image_tokens)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -77,12 +111,11 @@ class Collator:
         self.end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
 
     def __call__(self, items: list[Encoded]) -> dict[str, torch.Tensor]:
-        batch = self.processor(
-            text=[item.text for item in items],
-            images=[load_image(item.image) for item in items],
-            padding=True,
-            return_tensors="pt",
-        )
+        images = []
+        for item in items:
+            cache: dict[str, Image.Image] = {}
+            images += [load_part(part, cache) for part in item.images]
+        batch = self.processor(text=[item.text for item in items], images=images, padding=True, return_tensors="pt")
         batch["labels"] = torch.stack([self.answer_labels(ids) for ids in batch["input_ids"]])
         batch.pop("mm_token_type_ids", None)
         return dict(batch)
