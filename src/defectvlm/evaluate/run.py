@@ -11,7 +11,7 @@ from defectvlm.config import LoraParams, ModelParams, Params, PhaseParams
 from defectvlm.errors import StepFailure
 from defectvlm.evaluate.metrics import best_threshold, evaluate_rows
 from defectvlm.evaluate.report import write_gallery, write_plots, write_report
-from defectvlm.evaluate.scoring import generate_answers, image_scores, parse_answer, score_samples
+from defectvlm.evaluate.scoring import generate_answers, image_scores, parse_answer, region_row, score_samples
 from defectvlm.io import read_jsonl, write_json_atomic, write_jsonl_atomic
 from defectvlm.models.families import get_family
 from defectvlm.models.loading import load_base
@@ -62,17 +62,8 @@ def score_split(model, processor, samples: list[dict], classes: list[str], mode:
         unknown += parsed["unknown_classes"]
         for region in regions:
             label, cls = parsed["regions"].get(region["rid"], ("normal", None))
-            row = {
-                "image_id": sample["image_id"],
-                "image_label": sample["meta"]["label"],
-                "path": sample["images"][0],
-                "rid": region["rid"],
-                "xyxy": region["xyxy"],
-                "truth": region["label"],
-                "truth_cls": region["cls"],
-                "score": 1.0 if label == "abnormal" else 0.0,
-                "answer_parsed": region["rid"] in parsed["regions"],
-            }
+            row = region_row(sample, region, 1.0 if label == "abnormal" else 0.0)
+            row["answer_parsed"] = region["rid"] in parsed["regions"]
             if region["label"] == "abnormal":
                 row["pred_cls"] = cls or "unparsed"
             rows.append(row)

@@ -99,16 +99,7 @@ def score_samples(model, processor, samples: list[dict], classes: list[str], bat
                 label_at, class_at = positions[region["rid"]]
                 logits = _lm_head(model, hidden[row, answer_start + label_at - 1])
                 pair = torch.softmax(logits[[vocab.abnormal, vocab.normal]].float(), dim=0)
-                result = {
-                    "image_id": sample["image_id"],
-                    "image_label": sample["meta"]["label"],
-                    "path": sample["images"][0],
-                    "rid": region["rid"],
-                    "xyxy": region["xyxy"],
-                    "truth": region["label"],
-                    "truth_cls": region["cls"],
-                    "score": float(pair[0]),
-                }
+                result = region_row(sample, region, float(pair[0]))
                 if class_at is not None:
                     class_logits = _lm_head(model, hidden[row, answer_start + class_at - 1])
                     probs = torch.softmax(class_logits[class_ids].float(), dim=0)
@@ -117,6 +108,20 @@ def score_samples(model, processor, samples: list[dict], classes: list[str], bat
                 rows.append(result)
     model.train(was_training)
     return rows
+
+
+def region_row(sample: dict, region: dict, score: float) -> dict:
+    """One prediction: where the region is, its truth, and P(abnormal)."""
+    return {
+        "image_id": sample["image_id"],
+        "image_label": sample["meta"]["label"],
+        "path": sample["images"][0],
+        "rid": region["rid"],
+        "xyxy": region["xyxy"],
+        "truth": region["label"],
+        "truth_cls": region["cls"],
+        "score": score,
+    }
 
 
 def _causal_lm(model):
