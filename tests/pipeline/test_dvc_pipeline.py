@@ -29,7 +29,7 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_dvc_repro_runs_every_stage_then_skips_then_reruns_what_a_param_change_touches(tmp_path):
+def test_dvc_repro_runs_every_stage_then_skips_then_reruns_only_what_a_param_change_touches(tmp_path):
     repo = tmp_path / "repo"
     repo.mkdir()
     for name in ("dvc.yaml", ".dvcignore"):
@@ -56,6 +56,8 @@ def test_dvc_repro_runs_every_stage_then_skips_then_reruns_what_a_param_change_t
 
     for phase in (1, 2, 3):
         assert (repo / "runs" / f"phase{phase}" / "best" / "adapter_model.safetensors").exists()
+    shown = _run(["dvc", "metrics", "show"], repo)
+    assert shown.returncode == 0 and "test.roi.f1" in shown.stdout and "baseline.image.auroc" in shown.stdout
 
     params = yaml.safe_load((repo / "params.yaml").read_text(encoding="utf-8"))
     params["train"]["phase3"]["lr_vision"] = 2.0e-5
@@ -63,4 +65,4 @@ def test_dvc_repro_runs_every_stage_then_skips_then_reruns_what_a_param_change_t
     changed = _run(["dvc", "repro"], repo)
     assert changed.returncode == 0, changed.stdout + changed.stderr
     ran = [line.split("'")[1] for line in changed.stdout.splitlines() if line.startswith("Running stage")]
-    assert ran == ["train_phase3"]
+    assert ran == ["train_phase3", "evaluate"]  # only the changed phase and what reads it
