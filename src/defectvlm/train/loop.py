@@ -214,6 +214,21 @@ def train_phase(params: Params, phase_number: int, sft_dir: Path, resume: bool =
     dist.barrier()
 
     logger = tracking.phase_logger(params, phase_number, table) if (tracking and rank == 0) else None
+
+    def evaluate_and_keep_best(step: int) -> None:
+        metrics = {"eval_loss": evaluation_loss(engine, val_set, collate, params.train.batch_size, rank, world)}
+        if params.train.metric_for_best_model == "roi_f1":
+            metrics["roi_f1"] = validation_roi_f1(engine, processor, val_set, val_set.classes, rank, world)
+        value = metrics[params.train.metric_for_best_model]
+        best = state.best_metric
+        if best is None or (value > best if params.train.greater_is_better else value < best):
+            state.best_metric, state.best_step = value, step
+            save_best(
+                engine, out / BEST, processor, family, _phase_info(params, phase_number, start, family, step), rank
+            )
+        state.history.append({"step": step, **metrics})
+        _log({"step": step, **metrics}, logger, rank)
+
     efficiency_sum = efficiency_n = 0
     tokens_real = tokens_padded = 0
     running_loss, running_n = 0.0, 0
@@ -250,22 +265,7 @@ def train_phase(params: Params, phase_number: int, sft_dir: Path, resume: bool =
                 running_loss, running_n = 0.0, 0
                 _log(record, logger, rank)
             if step % params.train.eval_steps == 0 or step == total_steps:
-                _evaluate_and_keep_best(
-                    engine,
-                    val_set,
-                    collate,
-                    params,
-                    state,
-                    step,
-                    out,
-                    processor,
-                    family,
-                    start,
-                    phase_number,
-                    logger,
-                    rank,
-                    world,
-                )
+                evaluate_and_keep_best(step)
             if step % params.train.save_steps == 0 and step < total_steps:
                 _save_checkpoint(engine, checkpoints, state, params.train.save_total_limit, rank)
             if step >= total_steps:
@@ -373,26 +373,6 @@ def validation_roi_f1(engine, processor, val_set: SftDataset, classes: list[str]
     dist.all_gather_object(everyone, mine)
     rows = [row for part in everyone for row in part]
     return best_threshold([int(r["truth"] == "abnormal") for r in rows], [r["score"] for r in rows])[1]
-
-
-def _evaluate_and_keep_best(
-    engine, val_set, collate, params, state, step, out, processor, family, start, phase_number, logger, rank, world
-):
-    metrics = {"eval_loss": evaluation_loss(engine, val_set, collate, params.train.batch_size, rank, world)}
-    if params.train.metric_for_best_model == "roi_f1":
-        metrics["roi_f1"] = validation_roi_f1(engine, processor, val_set, val_set.classes, rank, world)
-    key = params.train.metric_for_best_model
-    if key not in metrics:
-        raise StepFailure(f"train.metric_for_best_model: {key!r} is not computed (available: {', '.join(metrics)})")
-    value = metrics[key]
-    better = state.best_metric is None or (
-        value > state.best_metric if params.train.greater_is_better else value < state.best_metric
-    )
-    state.history.append({"step": step, **metrics})
-    _log({"step": step, **metrics}, logger, rank)
-    if better:
-        state.best_metric, state.best_step = value, step
-        save_best(engine, out / BEST, processor, family, _phase_info(params, phase_number, start, family, step), rank)
 
 
 def save_best(engine, directory: Path, processor, family, info: dict, rank: int) -> None:
