@@ -65,20 +65,18 @@ def write_tree(work: Path, n_total: int) -> None:
             (root / f"{name}.txt").write_text(f"{name}.jpg；{x},{y},{x + 120},{y + 80}；灰渣\r\n", encoding="gbk")
 
 
-def time_ingest(work: Path, subdir: str, workers: int) -> tuple[float, int]:
+def write_params(work: Path, subdir: str, workers: int = 0) -> Path:
+    """A params file for the N (subdir 'part1') or 2N (subdir '') tree."""
     params = work / f"params_{subdir or 'all'}.yaml"
+    roots = {f"{kind}_root": str(work / f"{kind}_root" / subdir) for kind in ("abnormal", "normal")}
     params.write_text(
-        json.dumps(
-            {
-                "data": {
-                    "abnormal_root": str(work / "abnormal_root" / subdir),
-                    "normal_root": str(work / "normal_root" / subdir),
-                },
-                "labels": {"label_map": {"灰渣": "slag"}},
-                "ingest": {"workers": workers},
-            }
-        )
+        json.dumps({"data": roots, "labels": {"label_map": {"灰渣": "slag"}}, "ingest": {"workers": workers}})
     )
+    return params
+
+
+def time_ingest(work: Path, subdir: str, workers: int) -> tuple[float, int]:
+    params = write_params(work, subdir, workers)
     out = work / f"out_{subdir or 'all'}"
     start = time.perf_counter()
     code = cli_main(["ingest", "--params", str(params), "--out", str(out), "--quiet"])

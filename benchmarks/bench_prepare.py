@@ -17,7 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
-from bench_ingest import write_tree
+from bench_ingest import write_params, write_tree
 
 from defectvlm.cli import main as cli_main
 
@@ -26,18 +26,7 @@ STEPS = ("ingest", "split", "regions", "build-sft")
 
 def run_prepare(work: Path, subdir: str) -> tuple[dict[str, float], int]:
     name = subdir or "all"
-    params = work / f"params_{name}.yaml"
-    params.write_text(
-        json.dumps(
-            {
-                "data": {
-                    "abnormal_root": str(work / "abnormal_root" / subdir),
-                    "normal_root": str(work / "normal_root" / subdir),
-                },
-                "labels": {"label_map": {"灰渣": "slag"}},
-            }
-        )
-    )
+    params = write_params(work, subdir)
     out = work / f"prepared_{name}"
     folders = {"ingest": "01_ingested", "split": "02_split", "regions": "03_regions", "build-sft": "04_sft"}
     timings, previous = {}, None
