@@ -14,7 +14,7 @@ from rich.table import Table
 
 from defectvlm.config import SPLITS, ConfigError, Params, field_docs, load_params, params_from_dict, params_to_dict
 from defectvlm.errors import StepFailure
-from defectvlm.io import read_jsonl, write_json_atomic, write_jsonl_atomic
+from defectvlm.io import read_jsonl, read_splits, write_json_atomic, write_jsonl_atomic, write_splits
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -112,8 +112,7 @@ def cmd_split(args: argparse.Namespace) -> int:
     params = _load(args)
     result = split_manifest(read_jsonl(Path(args.input) / "manifest.jsonl"), params.split)
     out = Path(args.out)
-    for name, rows in result.splits.items():
-        write_jsonl_atomic(out / f"{name}.jsonl", rows)
+    write_splits(out, result.splits)
     write_json_atomic(out / "split_report.json", result.report)
     table = Table("split", "images", "abnormal", "normal", "groups", "share", title="split")
     for name, counts in result.report["counts"].items():
@@ -129,11 +128,9 @@ def cmd_regions(args: argparse.Namespace) -> int:
     from defectvlm.data.regions import build_regions
 
     params = _load(args)
-    splits = {name: read_jsonl(Path(args.input) / f"{name}.jsonl") for name in SPLITS}
-    result = build_regions(splits, params.regions, params.model)
+    result = build_regions(read_splits(args.input, SPLITS), params.regions, params.model)
     out = Path(args.out)
-    for name, rows in result.splits.items():
-        write_jsonl_atomic(out / f"{name}.jsonl", rows)
+    write_splits(out, result.splits)
     write_json_atomic(out / "regions_summary.json", result.summary)
     for name, counts in result.summary["splits"].items():
         console.print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in counts.items() if not isinstance(v, dict)))
@@ -145,11 +142,11 @@ def cmd_build_sft(args: argparse.Namespace) -> int:
 
     params = _load(args)
     fmt = args.format or params.sft.format
-    regions = {name: read_jsonl(Path(args.input) / f"{name}.jsonl") for name in SPLITS}
-    result = build_sft(regions, params.sft, load_templates(params.sft), load_knowledge(params.sft))
+    result = build_sft(
+        read_splits(args.input, SPLITS), params.sft, load_templates(params.sft), load_knowledge(params.sft)
+    )
     out = Path(args.out)
-    for name, samples in result.splits.items():
-        write_jsonl_atomic(out / f"{name}.jsonl", (export_sample(s, fmt) for s in samples))
+    write_splits(out, {name: (export_sample(s, fmt) for s in samples) for name, samples in result.splits.items()})
     if fmt == "llamafactory":
         write_json_atomic(out / "dataset_info.json", llamafactory_dataset_info())
     write_json_atomic(out / "sft_summary.json", {"format": fmt, **result.summary})
@@ -190,12 +187,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         baseline=not args.no_baseline,
     )
     table = Table("model", "level", "precision", "recall", "F1", "AUROC", title=f"{metrics['run']} on {args.split}")
-    for title, result in (("fine-tuned", metrics["test"]), ("base", metrics.get("baseline"))):
+    for title, result in (("fine-tuned", metrics[metrics["split"]]), ("base", metrics.get("baseline"))):
         for level in ("roi", "image") if result else ():
             m = result[level]
             table.add_row(title, level, str(m["precision"]), str(m["recall"]), str(m["f1"]), str(m["auroc"]))
     console.print(table)
-    console.print(f"threshold {metrics['test']['threshold']:.4f} (chosen on val); report: {args.out}/report.md")
+    console.print(
+        f"threshold {metrics[metrics['split']]['threshold']:.4f} (chosen on val); report: {args.out}/report.md"
+    )
     if not args.no_tracking and metrics["run"] != "base":
         from defectvlm.tracking.mlflow_tracking import log_evaluation
 

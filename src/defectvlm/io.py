@@ -56,3 +56,13 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     except OSError as exc:
         raise StepFailure(f"{path}: cannot read ({exc.strerror}); did the step that writes it run?") from None
     return records
+
+
+def read_splits(folder: str | Path, names: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
+    """`<folder>/<name>.jsonl` for each split name."""
+    return {name: read_jsonl(Path(folder) / f"{name}.jsonl") for name in names}
+
+
+def write_splits(folder: str | Path, splits: dict[str, Iterable[Any]]) -> None:
+    for name, records in splits.items():
+        write_jsonl_atomic(Path(folder) / f"{name}.jsonl", records)

@@ -97,13 +97,13 @@ def _crop_with_box(row: dict, path: Path) -> None:
 def write_report(metrics: dict, plots: dict[str, str], gallery: dict[str, list[dict]], out: Path) -> None:
     lines = [f"# Evaluation: {metrics['run']} on {metrics['split']}", ""]
     lines += [
-        f"Threshold {metrics['test']['threshold']:.4f}, chosen on val by ROI-level F1 "
+        f"Threshold {metrics[metrics['split']]['threshold']:.4f}, chosen on val by ROI-level F1 "
         f"({metrics['val_best_roi_f1']:.4f}) and applied unchanged to {metrics['split']}. Mode: {metrics['mode']}.",
         "",
         "| level | precision | recall | F1 | AUROC | AP | TP | FP | FN | TN |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for title, result in (("fine-tuned", metrics["test"]), ("base (phase 0)", metrics.get("baseline"))):
+    for title, result in (("fine-tuned", metrics[metrics["split"]]), ("base (phase 0)", metrics.get("baseline"))):
         if not result:
             continue
         for level in ("roi", "image"):
@@ -113,7 +113,7 @@ def write_report(metrics: dict, plots: dict[str, str], gallery: dict[str, list[d
                 f"| {title}, {level} | {m['precision']} | {m['recall']} | {m['f1']} | {m['auroc']} | "
                 f"{m['average_precision']} | {c['tp']} | {c['fp']} | {c['fn']} | {c['tn']} |"
             )
-    defect = metrics["test"]["defect_type"]
+    defect = metrics[metrics["split"]]["defect_type"]
     lines += ["", f"Defect-type accuracy on true abnormal regions: {defect['accuracy']}", ""]
     lines += [f"- {cls}: {acc}" for cls, acc in defect["per_class_accuracy"].items()]
     lines += [""] + [f"![{name}]({link})" for name, link in plots.items()]

@@ -103,7 +103,7 @@ def evaluate(
         "split": split,
         "mode": mode,
         "classes": classes,
-        "test": result,
+        split: result,  # named after the evaluated split
         "val_best_roi_f1": result["val_best_roi_f1"],
     }
     if baseline and best is not None:

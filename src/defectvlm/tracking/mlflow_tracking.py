@@ -67,14 +67,14 @@ def log_evaluation(params: Params, run_dir: Path, metrics: dict, report_dir: Pat
         return None
     mlflow.set_tracking_uri(params.tracking.uri)
     values = {}
-    for part in ("test", "baseline"):
+    for part in (metrics["split"], "baseline"):
         for level in ("roi", "image"):
             for key, value in ((metrics.get(part) or {}).get(level) or {}).items():
                 if isinstance(value, (int, float)):
                     values[f"{part}_{level}_{key}"] = float(value)
     with mlflow.start_run(run_id=run_id):
         mlflow.log_metrics(values)
-        mlflow.log_metric("threshold", float(metrics["test"]["threshold"]))
+        mlflow.log_metric("threshold", float(metrics[metrics["split"]]["threshold"]))
         mlflow.log_artifacts(str(report_dir / "plots"), "evaluation/plots")
         mlflow.log_artifact(str(report_dir / "report.md"), "evaluation")
         mlflow.log_artifact(str(report_dir / "metrics.json"), "evaluation")

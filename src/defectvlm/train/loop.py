@@ -144,8 +144,6 @@ def load_split(params: Params, sft_dir: Path, split: str, processor) -> tuple[Sf
     if samples and "meta" not in samples[0]:
         raise StepFailure(f"{sft_dir}/{split}.jsonl is not in the native format: run build-sft with --format native")
     dataset = SftDataset(samples, processor)
-    summary = sft_dir / "sft_summary.json"
-    dataset.classes = json.loads(summary.read_text(encoding="utf-8"))["classes"] if summary.exists() else []
     keep = [i for i, item in enumerate(dataset.items) if item.length <= params.train.max_length]
     skipped = len(dataset.items) - len(keep)
     dataset.items = [dataset.items[i] for i in keep]
@@ -187,6 +185,8 @@ def train_phase(params: Params, phase_number: int, sft_dir: Path, resume: bool =
 
     train_set, skipped_train = load_split(params, sft_dir, "train", processor)
     val_set, skipped_val = load_split(params, sft_dir, "val", processor)
+    summary = sft_dir / "sft_summary.json"
+    classes = json.loads(summary.read_text(encoding="utf-8"))["classes"] if summary.exists() else []
     collate = Collator(processor)
     lengths = [item.length for item in train_set.items]
     micro_per_epoch = len(batches(lengths, params.train.batch_size, 0, 0, False)) // world
@@ -218,7 +218,7 @@ def train_phase(params: Params, phase_number: int, sft_dir: Path, resume: bool =
     def evaluate_and_keep_best(step: int) -> None:
         metrics = {"eval_loss": evaluation_loss(engine, val_set, collate, params.train.batch_size, rank, world)}
         if params.train.metric_for_best_model == "roi_f1":
-            metrics["roi_f1"] = validation_roi_f1(engine, processor, val_set, val_set.classes, rank, world)
+            metrics["roi_f1"] = validation_roi_f1(engine, processor, val_set, classes, rank, world)
         value = metrics[params.train.metric_for_best_model]
         best = state.best_metric
         if best is None or (value > best if params.train.greater_is_better else value < best):
@@ -318,6 +318,13 @@ def _to_device(batch: dict, engine) -> dict:
     return moved
 
 
+def _gathered(engine, parameters: list[torch.nn.Parameter]):
+    """Full tensors inside the block: ZeRO-3 partitions parameters across ranks."""
+    if engine.zero_optimization_stage() == 3:
+        return deepspeed.zero.GatheredParameters(parameters)
+    return contextlib.nullcontext()
+
+
 def weights_digest(named_tensors) -> str:
     """A digest of trained tensors (name, shape, bytes), equal iff the weights are equal."""
     digest = hashlib.blake2b(digest_size=16)
@@ -332,12 +339,7 @@ def _digests_across_ranks(engine) -> list[str]:
     """Each rank's digest of its trainable weights (all equal when data parallelism is sound)."""
     model = engine.module
     trainable = [(canonical(n), p) for n, p in model.named_parameters() if p.requires_grad]
-    gathered = (
-        deepspeed.zero.GatheredParameters([p for _, p in trainable])
-        if engine.zero_optimization_stage() == 3
-        else contextlib.nullcontext()
-    )
-    with gathered:
+    with _gathered(engine, [p for _, p in trainable]):
         mine = weights_digest(trainable)
     everyone: list[str | None] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
@@ -379,12 +381,7 @@ def save_best(engine, directory: Path, processor, family, info: dict, rank: int)
     """Write best/ from the engine's current weights (gathered when ZeRO-3 partitions them)."""
     model = engine.module
     trainable = [p for p in model.parameters() if p.requires_grad]
-    gathered = (
-        deepspeed.zero.GatheredParameters(trainable)
-        if engine.zero_optimization_stage() == 3
-        else contextlib.nullcontext()
-    )
-    with gathered:
+    with _gathered(engine, trainable):
         if rank == 0:
             lora, non_lora = trained_tensors(model, family)
     if rank == 0:
