@@ -16,6 +16,7 @@ def record(i: int, label: str, boxes: list[list[float]], width=800, height=600, 
     return {
         "id": f"{label}/g/{i}.jpg",
         "path": f"x/{i}.jpg",
+        "blake3": f"{i:064x}",
         "width": width,
         "height": height,
         "label": label,

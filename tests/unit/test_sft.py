@@ -36,6 +36,7 @@ def image(i: int, label: str, classes: list[str]) -> dict:
     return {
         "id": f"{label}/b/{i}.jpg",
         "path": f"data/raw/{label}_root/b/{i}.jpg",
+        "blake3": f"{i:064x}",
         "width": 100,
         "height": 100,
         "label": label,

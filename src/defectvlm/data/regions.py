@@ -143,6 +143,7 @@ def image_regions(
     return {
         "id": record["id"],
         "path": record["path"],
+        "blake3": record["blake3"],
         "width": width,
         "height": height,
         "label": record["label"],

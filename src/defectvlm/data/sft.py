@@ -202,6 +202,7 @@ def build_sample(
             {"role": "assistant", "content": answer},
         ],
         "meta": {
+            "blake3": image["blake3"],  # pins the image content: the split file's digest is the data version
             "label": image["label"],
             "family": image["family"],
             "frame": image["frame"],
