@@ -1,0 +1,65 @@
+"""`defectvlm pipeline run --local`: the whole KFP DAG on demo data with kfp.local's SubprocessRunner."""
+
+from __future__ import annotations
+
+import pytest
+
+from defectvlm.data.demo import generate_demo
+from tests.conftest import REPO, read_json, run_cli, write_params
+
+pytestmark = pytest.mark.slow
+
+
+def test_local_pipeline_run_prepares_the_same_data_as_the_cli_trains_evaluates_and_registers_a_candidate(
+    tmp_path, monkeypatch
+):
+    raw = tmp_path / "raw"
+    generate_demo(raw, n_abnormal=12, n_normal=8)
+    params = write_params(
+        tmp_path / "params.yaml",
+        {
+            "data": {"abnormal_root": str(raw / "abnormal_root"), "normal_root": str(raw / "normal_root")},
+            "train": {
+                "deepspeed": str(REPO / "configs" / "deepspeed" / "zero2.json"),
+                "batch_size": 2,
+                "eval_steps": 100,
+                "save_steps": 100,
+                "metric_for_best_model": "eval_loss",
+                "greater_is_better": False,
+                "phase1": {"max_steps": 1},
+                "phase2": {"max_steps": 1},
+                "phase3": {"max_steps": 1},
+            },
+            "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "kfp-local"},
+            "registry": {"model_name": "kfp-local-adapter"},
+        },
+    )
+    monkeypatch.chdir(tmp_path)  # MLflow's artifact store (./mlruns) lands here
+
+    assert run_cli("pipeline", "run", "--local", "--params", params, "--root", tmp_path / "kfp") == 0
+
+    (outputs,) = (tmp_path / "kfp" / "outputs").iterdir()
+    registration = read_json(outputs / "register" / "registration" / "registration.json")
+    assert registration["name"] == "kfp-local-adapter" and registration["alias"] == "candidate"
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    candidate = client.get_model_version_by_alias("kfp-local-adapter", "candidate")
+    assert str(candidate.version) == str(registration["version"]) and candidate.run_id == registration["run_id"]
+    metrics = read_json(outputs / "evaluate" / "reports" / "metrics.json")
+    assert metrics["split"] == "test" and metrics["run"].endswith("phase3")
+
+    # the components ran the CLI's steps with the same parameters: the same files come out
+    cli = tmp_path / "cli"
+    assert run_cli("ingest", "--params", params, "--out", cli / "01", "--quiet") == 0
+    for step, source, target in (("split", "01", "02"), ("regions", "02", "03"), ("build-sft", "03", "04")):
+        assert run_cli(step, "--params", params, "--in", cli / source, "--out", cli / target) == 0
+    for split in ("train", "val", "test"):
+        produced = (outputs / "sft" / "conversations" / f"{split}.jsonl").read_bytes()
+        assert produced == (cli / "04" / f"{split}.jsonl").read_bytes(), split
+
+    # checkpoints and phases stay on the workspace; the adapters travel as artifacts without checkpoints
+    (run,) = (tmp_path / "kfp" / "workspace" / "runs").iterdir()
+    for phase in (1, 2, 3):
+        assert (run / f"phase{phase}" / "best" / "adapter_model.safetensors").exists()
+        assert (outputs / f"train-phase{'' if phase == 1 else f'-{phase}'}" / "adapter" / "best").is_dir()

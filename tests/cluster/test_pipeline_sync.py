@@ -1,0 +1,113 @@
+"""The CLI, dvc.yaml and the KFP pipeline agree: same steps, same commands, same parameters, same DAG."""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+import yaml
+
+from defectvlm.cli import build_parser
+from defectvlm.cluster.steps import RUNTIME_SECTIONS, STEPS, params_from_sections
+from defectvlm.config import load_params, params_to_dict
+from tests.cluster.conftest import tasks_by_step
+from tests.conftest import REPO
+
+DVC = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+PARAMS = params_to_dict(load_params(REPO / "params.yaml"))
+
+
+def _interpolate(text: str) -> str:
+    def lookup(match: re.Match) -> str:
+        value = PARAMS
+        for part in match[1].split("."):
+            value = value[part]
+        return str(value)
+
+    return re.sub(r"\$\{([^}]+)\}", lookup, text)
+
+
+def _paths(entries: list) -> list[str]:
+    return [_interpolate(next(iter(e)) if isinstance(e, dict) else e) for e in entries]
+
+
+def _dvc_upstream() -> dict[str, set[str]]:
+    outs = {
+        name: _paths(stage.get("outs", []) + stage.get("metrics", []) + stage.get("plots", []))
+        for name, stage in DVC.items()
+    }
+    upstream = {}
+    for name, stage in DVC.items():
+        deps = _paths(stage.get("deps", []))
+        upstream[name] = {
+            other
+            for other, paths in outs.items()
+            for dep in deps
+            for out in paths
+            if dep == out or out.startswith(dep + "/") or dep.startswith(out + "/")
+        }
+    return upstream
+
+
+def _closure(direct: dict[str, set[str]]) -> dict[str, set[str]]:
+    def ancestors(name: str) -> set[str]:
+        found = set(direct[name])
+        for parent in direct[name]:
+            found |= ancestors(parent)
+        return found
+
+    return {name: ancestors(name) for name in direct}
+
+
+def test_the_pipeline_has_the_stages_of_dvc_yaml():
+    assert set(STEPS) == set(DVC)
+
+
+def test_each_step_runs_the_dvc_stage_command_with_paths_filled_in():
+    subcommands = build_parser()._subparsers._group_actions[0].choices
+    for name, step in STEPS.items():
+        dvc_argv = shlex.split(DVC[name]["cmd"])
+        assert dvc_argv[0] == "defectvlm" and len(dvc_argv) - 1 == len(step.command), name
+        for ours, theirs in zip(step.command, dvc_argv[1:], strict=True):
+            if "{" in ours:  # a path: the stage's is fixed, the component's comes from KFP
+                assert theirs.endswith(ours.split("}", 1)[1]), (name, ours, theirs)
+            else:
+                assert ours == theirs, (name, ours, theirs)
+        options = {o for action in subcommands[step.command[0]]._actions for o in action.option_strings}
+        assert {t for t in step.command if t.startswith("--")} <= options, name
+
+
+def test_each_step_reads_every_section_its_dvc_stage_lists():
+    for name, step in STEPS.items():
+        listed = {key.split(".")[0] for key in DVC[name].get("params", [])}
+        assert listed <= set(step.sections), (name, listed - set(step.sections))
+
+
+def test_pipeline_parameters_are_the_params_sections_with_params_yaml_defaults(compiled):
+    spec, _ = compiled
+    inputs = spec["root"]["inputDefinitions"]["parameters"]
+    assert set(inputs) == {*RUNTIME_SECTIONS, "data_version"}
+    for name in RUNTIME_SECTIONS:
+        default = params_to_dict(params_from_sections({name: inputs[name]["defaultValue"]}))[name]
+        assert default == PARAMS[name], name
+
+
+def test_each_task_gets_exactly_its_steps_sections(compiled):
+    spec, _ = compiled
+    extra = {"scan_labels": {"data_version"}, "ingest": {"data_version"}}
+    extra.update({f"train_phase{n}": {"trainjob"} for n in (1, 2, 3)})
+    for name, task in tasks_by_step(spec).items():
+        from_pipeline = {
+            key for key, value in task["inputs"]["parameters"].items() if "componentInputParameter" in value
+        }
+        assert from_pipeline == set(STEPS[name].sections) | extra.get(name, set()), name
+
+
+def test_the_task_graph_orders_steps_as_dvc_does(compiled):
+    spec, _ = compiled
+    by_key = {key: task["taskInfo"]["name"] for key, task in spec["root"]["dag"]["tasks"].items()}
+    kfp_upstream = {
+        by_key[key]: {by_key[dep] for dep in task.get("dependentTasks", [])}
+        for key, task in spec["root"]["dag"]["tasks"].items()
+    }
+    assert _closure(kfp_upstream) == _closure(_dvc_upstream())

@@ -1,0 +1,238 @@
+"""Multi-node training: the TrainJob manifest, the waiter, and the train step with the trainjob launcher."""
+
+from __future__ import annotations
+
+import json
+import re
+from types import SimpleNamespace
+
+import pytest
+
+from defectvlm.cluster import steps, trainjob
+from defectvlm.cluster.trainjob import TrainJobFailed, build_trainjob, wait_for_trainjob
+from defectvlm.config import ClusterParams, TrainJobParams, load_params, params_to_dict
+
+# Field names of trainer.kubeflow.org/v1alpha1 (kubeflow/trainer pkg/apis/trainer/v1alpha1/trainjob_types.go)
+TRAINJOB_SPEC_FIELDS = {
+    "runtimeRef",
+    "initializer",
+    "trainer",
+    "runtimePatches",
+    "suspend",
+    "managedBy",
+    "activeDeadlineSeconds",
+}
+TRAINER_FIELDS = {"image", "command", "args", "env", "numNodes", "resourcesPerNode", "numProcPerNode"}
+POD_SPEC_PATCH_FIELDS = {
+    "serviceAccountName",
+    "volumes",
+    "initContainers",
+    "containers",
+    "imagePullSecrets",
+    "securityContext",
+    "nodeSelector",
+    "affinity",
+    "tolerations",
+    "schedulingGates",
+}
+ARGV = ["train", "--phase", "2", "--in", "/workspace/runs/r1/sft", "--params", "/workspace/runs/r1/p.yaml"]
+
+
+def _manifest(**cluster) -> dict:
+    params = TrainJobParams(
+        num_nodes=4, num_proc_per_node=8, gpus_per_node=8, cpu_per_node="48", memory_per_node="512Gi"
+    )
+    return build_trainjob(params, ClusterParams(**cluster), "defectvlm-phase2-0a1b2c3d", ARGV, "reg/defectvlm-train:1")
+
+
+def test_manifest_is_a_v1alpha1_trainjob_on_the_torch_distributed_runtime():
+    job = _manifest()
+    assert job["apiVersion"] == "trainer.kubeflow.org/v1alpha1" and job["kind"] == "TrainJob"
+    assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", job["metadata"]["name"]) and len(job["metadata"]["name"]) <= 63
+    spec = job["spec"]
+    assert set(spec) <= TRAINJOB_SPEC_FIELDS
+    assert spec["runtimeRef"] == {
+        "name": "torch-distributed",
+        "kind": "ClusterTrainingRuntime",
+        "apiGroup": "trainer.kubeflow.org",
+    }
+    trainer = spec["trainer"]
+    assert set(trainer) <= TRAINER_FIELDS
+    assert trainer["image"] == "reg/defectvlm-train:1"
+    assert trainer["command"] == ["torchrun", "-m", "defectvlm", *ARGV]
+    assert trainer["numNodes"] == 4 and trainer["numProcPerNode"] == 8
+    assert trainer["resourcesPerNode"] == {
+        "requests": {"cpu": "48", "memory": "512Gi", "nvidia.com/gpu": "8"},
+        "limits": {"nvidia.com/gpu": "8"},
+    }
+    # torchrun's rendezvous variables are the runtime's to set (the webhook rejects them here)
+    assert not [e for e in trainer["env"] if e["name"].startswith("PET_")]
+    secret_env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in trainer["env"] if "valueFrom" in e}
+    assert secret_env["AWS_SECRET_ACCESS_KEY"] == {"name": "defectvlm-s3", "key": "AWS_SECRET_ACCESS_KEY"}
+    assert secret_env["MLFLOW_TRACKING_PASSWORD"] == {"name": "defectvlm-mlflow", "key": "MLFLOW_TRACKING_PASSWORD"}
+    json.dumps(job)  # plain data, as the API server receives it
+
+
+def test_trainer_pods_mount_the_workspace_and_shared_memory_and_follow_the_scheduling_params():
+    job = _manifest(node_selector={"pool": "h100"}, tolerations=[{"key": "gpu", "operator": "Exists"}])
+    (patch,) = job["spec"]["runtimePatches"]
+    (replicated,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    assert replicated["name"] == "node"
+    pod = replicated["template"]["spec"]["template"]["spec"]
+    assert set(pod) <= POD_SPEC_PATCH_FIELDS
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["workspace"]["persistentVolumeClaim"] == {"claimName": "defectvlm-workspace"}
+    assert volumes["dshm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
+    (container,) = pod["containers"]
+    assert container["name"] == "node"
+    assert {m["name"]: m["mountPath"] for m in container["volumeMounts"]} == {
+        "workspace": "/workspace",
+        "dshm": "/dev/shm",
+    }
+    assert pod["nodeSelector"] == {"pool": "h100"} and pod["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
+
+
+def test_trainjob_image_param_overrides_the_pipeline_image():
+    params = TrainJobParams(image="my/own:2")
+    assert (
+        build_trainjob(params, ClusterParams(), "n", ARGV, "reg/defectvlm-train:1")["spec"]["trainer"]["image"]
+        == "my/own:2"
+    )
+
+
+class FakeCustomObjects:
+    """CustomObjectsApi's TrainJob calls; returns the scripted statuses one poll at a time."""
+
+    def __init__(self, statuses: list[dict]):
+        self.statuses = statuses
+        self.gets = 0
+        self.deleted = []
+
+    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
+        assert (group, version, plural) == ("trainer.kubeflow.org", "v1alpha1", "trainjobs")
+        status = self.statuses[min(self.gets, len(self.statuses) - 1)]
+        self.gets += 1
+        return {"metadata": {"name": name, "namespace": namespace}, "status": status}
+
+    def delete_namespaced_custom_object(self, group, version, namespace, plural, name):
+        self.deleted.append((namespace, name))
+
+
+class FakeCore:
+    """CoreV1Api's pod listing and log streaming."""
+
+    def __init__(self, pods: dict[str, list[bytes]], ready_after: int = 1):
+        self.pods = pods
+        self.ready_after = ready_after
+        self.lists = 0
+        self.selectors = []
+
+    def list_namespaced_pod(self, namespace, label_selector):
+        self.selectors.append(label_selector)
+        self.lists += 1
+        phase = "Running" if self.lists > self.ready_after else "Pending"
+        items = [
+            SimpleNamespace(metadata=SimpleNamespace(name=n), status=SimpleNamespace(phase=phase)) for n in self.pods
+        ]
+        return SimpleNamespace(items=items)
+
+    def read_namespaced_pod_log(self, name, namespace, container, follow, _preload_content):
+        assert container == "node" and follow and not _preload_content
+        return iter(self.pods[name])
+
+
+def _condition(kind: str, message: str = "") -> dict:
+    return {"conditions": [{"type": "Created", "status": "True"}, {"type": kind, "status": "True", "message": message}]}
+
+
+def _wait(custom, core, timeout_s=100.0):
+    now = [0.0]
+    lines = []
+    job = wait_for_trainjob(
+        custom,
+        core,
+        "tj",
+        "ml",
+        timeout_s,
+        poll_s=10,
+        log=lines.append,
+        clock=lambda: now[0],
+        sleep=lambda s: now.__setitem__(0, now[0] + s),
+    )
+    return job, sorted(lines)
+
+
+def test_waiter_streams_every_trainer_pods_log_and_returns_when_complete():
+    custom = FakeCustomObjects(
+        [{}, {"conditions": [{"type": "Created", "status": "True"}]}, {}, _condition("Complete")]
+    )
+    core = FakeCore({"tj-node-0-0": [b"step=1 loss=2.0\n", b"done\n"], "tj-node-0-1": [b"rank 1 ok\n"]})
+    job, lines = _wait(custom, core)
+    assert job["status"]["conditions"][-1]["type"] == "Complete" and custom.gets == 4
+    assert lines == ["[tj-node-0-0] done", "[tj-node-0-0] step=1 loss=2.0", "[tj-node-0-1] rank 1 ok"]
+    assert core.selectors[0] == "jobset.sigs.k8s.io/jobset-name=tj,jobset.sigs.k8s.io/replicatedjob-name=node"
+
+
+def test_waiter_fails_the_step_when_the_trainjob_fails():
+    custom = FakeCustomObjects([{}, _condition("Failed", "node-0-1 OOMKilled")])
+    with pytest.raises(TrainJobFailed, match="ml/tj failed: node-0-1 OOMKilled"):
+        _wait(custom, FakeCore({"tj-node-0-0": [b"CUDA out of memory\n"]}, ready_after=0))
+    assert not custom.deleted
+
+
+def test_waiter_deletes_the_trainjob_after_the_timeout():
+    custom = FakeCustomObjects([{}])
+    with pytest.raises(TrainJobFailed, match="did not finish in 30 s"):
+        _wait(custom, FakeCore({}), timeout_s=30)
+    assert custom.deleted == [("ml", "tj")] and custom.gets == 5  # polls at 0, 10, 20, 30, then 40 > 30
+
+
+def test_train_step_with_the_trainjob_launcher_runs_the_phase_command_on_the_workspace(tmp_path, monkeypatch):
+    """What the trainer pods would write (best/, metrics, checkpoints) becomes the step's adapter, minus checkpoints."""
+    launched = []
+
+    def fake_run_trainjob(params, cluster, phase, argv, image):
+        launched.append((params, phase, argv, image))
+        out = tmp_path / "ws" / "runs" / "job1" / f"phase{phase}"
+        (out / "best").mkdir(parents=True)
+        (out / "best" / "adapter_model.safetensors").write_bytes(b"w")
+        (out / "checkpoints").mkdir()
+        (out / "metrics.json").write_text(json.dumps({"phase": phase, "enabled": True, "steps": 3}))
+
+    monkeypatch.setattr(trainjob, "run_trainjob", fake_run_trainjob)
+    sft = tmp_path / "sft-artifact"
+    sft.mkdir()
+    (sft / "train.jsonl").write_text("{}\n")
+    phase1 = tmp_path / "phase1-artifact"
+    (phase1 / "best").mkdir(parents=True)
+    sections = params_to_dict(steps.params_from_sections({}))
+    train = {**sections["train"], "launcher": "trainjob"}
+    cluster = {**sections["cluster"], "workspace": str(tmp_path / "ws"), "image_registry": "reg.local"}
+    adapter = tmp_path / "adapter"
+
+    metrics = steps.train_phase(
+        2,
+        {"model": sections["model"], "train": train, "tracking": sections["tracking"]},
+        {**sections["trainjob"], "num_nodes": 3.0},  # KFP hands numbers over as floats
+        cluster,
+        str(sft),
+        {1: str(phase1)},
+        "job1",
+        str(adapter),
+    )
+
+    ((params, phase, argv, image),) = launched
+    run = tmp_path / "ws" / "runs" / "job1"
+    assert params.num_nodes == 3 and phase == 2 and image == "reg.local/defectvlm-train:0.1.0"
+    assert argv == ["train", "--phase", "2", "--in", str(run / "sft"), "--params", str(run / "params_phase2.yaml")]
+    assert (run / "sft" / "train.jsonl").exists() and (run / "phase1" / "best").is_dir()
+    written = load_params(run / "params_phase2.yaml")  # what the trainer pods read
+    assert written.train.output_dir == str(run) and written.train.launcher == "trainjob"
+    assert metrics["steps"] == 3
+    assert (adapter / "best" / "adapter_model.safetensors").exists() and not (adapter / "checkpoints").exists()
+
+
+def test_section_numbers_from_kfp_come_back_as_ints():
+    params = steps.params_from_sections({"train": {"batch_size": 2.0, "phase1": {"max_steps": 5.0, "epochs": 2.0}}})
+    assert params.train.batch_size == 2 and isinstance(params.train.batch_size, int)
+    assert isinstance(params.train.phase1.max_steps, int) and params.train.phase1.epochs == 2.0
