@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install demo test test-fast lint lock bench clean
+.PHONY: install demo test test-fast lint lock bench clean images
 
 # torch/torchvision first and pinned: transformers' Qwen-VL image processors need torchvision,
 # and this exact pair is the one every machine of the team (and CI) installs.
@@ -18,12 +18,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 install: $(VENV)/.installed
 
+# The raw folders are versioned by DVC (`dvc add`: data/raw/*.dvc, content in the DVC cache),
+# so a registered model's data version can be restored with `dvc checkout`.
 data/raw/demo_summary.json: | $(VENV)/.installed
 	$(BIN)/defectvlm demo-data --out data/raw
+	$(BIN)/dvc add -q data/raw/abnormal_root data/raw/normal_root
 
 demo: $(VENV)/.installed data/raw/demo_summary.json
 	$(BIN)/dvc repro
-	@echo "demo done: reports in data/01_ingested, data/02_split, data/03_regions, data/04_sft"
+	@echo "demo done: report in reports/report.md; registered as @candidate (reports/registration.json)"
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
@@ -37,6 +40,13 @@ lint: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/bench_ingest.py --keep
 	$(BIN)/python benchmarks/bench_prepare.py
+
+# The cluster pipeline's images, named as pipelines/finetune.yaml names them (cluster.image_registry
+# in params.yaml); needs Docker with BuildKit. Push them with `docker push <name>`.
+images: $(VENV)/.installed
+	for kind in data train; do \
+	  docker build -f dockerfiles/$$kind.Dockerfile -t $$($(BIN)/python -m defectvlm.cluster.images $$kind) . || exit 1; \
+	done
 
 # Re-resolve and pin every dependency (run after changing pyproject.toml).
 lock: $(VENV)/.installed

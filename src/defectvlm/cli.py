@@ -12,6 +12,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from defectvlm.cluster.pipeline import add_arguments as add_pipeline_arguments
 from defectvlm.config import SPLITS, ConfigError, Params, field_docs, load_params, params_from_dict, params_to_dict
 from defectvlm.errors import StepFailure
 from defectvlm.io import read_jsonl, read_splits, write_json_atomic, write_jsonl_atomic, write_splits
@@ -160,7 +161,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from defectvlm.train.loop import train_phase
 
     params = _load(args)
-    tracking = None if args.no_tracking else MlflowTracking(params)
+    tracking = None if args.no_tracking else MlflowTracking(params, Path(args.input))
     metrics = train_phase(params, args.phase, Path(args.input), resume=args.resume, tracking=tracking)
     if metrics.get("enabled"):
         console.print(
@@ -198,9 +199,71 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not args.no_tracking and metrics["run"] != "base":
         from defectvlm.tracking.mlflow_tracking import log_evaluation
 
-        if log_evaluation(params, Path(metrics["run"]), metrics, Path(args.out)):
-            console.print("logged to the phase's MLflow run")
+        run_id = log_evaluation(params, Path(args.input), metrics, Path(args.out))
+        console.print(f"logged to MLflow run {run_id} (nested under the pipeline's run)")
     return 0
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from defectvlm.cluster.pipeline import pipeline_command
+
+    return pipeline_command(args, _load(args))
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from defectvlm.evaluate.run import resolve_run
+    from defectvlm.tracking.registry import CANDIDATE, register
+
+    params = _load(args)
+    best = resolve_run(params, args.run)
+    if best is None:
+        raise StepFailure("the untrained base is not registered: name a trained phase with --run")
+    registration = register(params, best, Path(args.reports), Path(args.input))
+    write_json_atomic(args.out, {**vars(registration), "alias": CANDIDATE})
+    console.print(
+        f"registered {best} as {registration.name} v{registration.version} (@{CANDIDATE}); "
+        f"pipeline run {registration.pipeline_run_id}"
+    )
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from defectvlm.tracking.registry import promote
+
+    params = _load(args)
+    record = promote(params, args.alias, args.version, force=args.force, reason=args.reason or "")
+    console.print(
+        f"{params.registry.model_name} v{record['version']} is now @{args.alias} (was v{record['previous']})"
+        + (f"; FORCED past: {'; '.join(record['overridden'])}" if record["forced"] else "")
+    )
+    return 0
+
+
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    import dataclasses
+    import subprocess
+
+    from defectvlm.tracking.reproduce import reproduce
+
+    params = _load(args)
+    result = reproduce(params, args.run_id, Path(args.workdir) if args.workdir else None, args.tolerance)
+    table = Table("metric", "recorded", "reproduced", title=f"reproduction of {result.run_id} at {result.commit[:10]}")
+    for key, pair in result.metrics.items():
+        again = "-" if pair["reproduced"] is None else f"{pair['reproduced']:.4f}"
+        table.add_row(key, f"{pair['recorded']:.4f}", again)
+    console.print(table)
+    for note in result.notes:
+        console.print(f"[yellow]note[/]: {note}", highlight=False)
+    for problem in result.problems:
+        console.print(f"[red]mismatch[/]: {problem}", highlight=False)
+    if args.out:
+        write_json_atomic(args.out, {**dataclasses.asdict(result), "ok": result.ok})
+    if result.ok and not args.keep:
+        subprocess.run(["git", "worktree", "remove", "--force", result.workdir], capture_output=True)
+        console.print("reproduced: every compared figure is within tolerance")
+    else:
+        console.print(f"worktree kept for inspection: {result.workdir}")
+    return 0 if result.ok else 1
 
 
 def _print_ingest_summary(report: dict) -> None:
@@ -284,6 +347,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="reports", help="output folder (default: reports)")
     p.add_argument("--no-baseline", action="store_true", help="skip evaluating the untrained base")
     p.add_argument("--no-tracking", action="store_true", help="do not log to the phase's MLflow run")
+
+    p = step(
+        "pipeline",
+        cmd_pipeline,
+        "The Kubeflow pipeline: compile it to pipelines/finetune.yaml, run it here with kfp.local (run --local), "
+        "or submit a run to a KFP server (submit --host URL).",
+    )
+    add_pipeline_arguments(p)
+
+    p = step("register", cmd_register, "Register the evaluated adapter as a new model version (alias candidate).")
+    p.add_argument("--run", default="last", help="runs/phaseN or 'last' (the last enabled phase)")
+    p.add_argument("--reports", default="reports", help="the evaluation of that run (metrics.json, inference.json)")
+    p.add_argument("--in", dest="input", default="data/04_sft", help="folder with the SFT splits (lineage digests)")
+    p.add_argument("--out", default="reports/registration.json", help="where the registered name/version are written")
+
+    p = step("promote", cmd_promote, "Move an alias (champion) to a version that passes the gates, beats the holder.")
+    p.add_argument("--alias", default="champion")
+    p.add_argument("--version", help="version to promote (default: the @candidate)")
+    p.add_argument("--force", action="store_true", help="promote despite refusals (needs --reason; recorded)")
+    p.add_argument("--reason", help="why (recorded in the registry's tags)")
+
+    p = step("reproduce", cmd_reproduce, "Re-run a recorded pipeline run from its commit and data version; compare.")
+    p.add_argument("--run-id", required=True, help="the pipeline's MLflow run id (or any of its step runs)")
+    p.add_argument("--workdir", help="where the fresh worktree goes (default: a temporary folder)")
+    p.add_argument("--tolerance", type=float, help="max metric difference (default: registry.reproduce_tolerance)")
+    p.add_argument("--out", help="write the comparison as JSON here")
+    p.add_argument("--keep", action="store_true", help="keep the worktree even when everything matches")
     return parser
 
 

@@ -273,6 +273,9 @@ class TrainParams:
 
     output_dir: str = param("runs", "Phase N writes to <output_dir>/phaseN.")
     deepspeed: str = param("configs/deepspeed/zero2.json", "DeepSpeed config; 'auto' values are filled from here.")
+    launcher: Literal["local", "trainjob"] = param(
+        "local", "Cluster pipeline only: train in the step's own pod, or as a multi-node Kubeflow TrainJob."
+    )
     seed: int = param(42, "Seed of initialisation, data order and dropout.")
     batch_size: int = param(4, "Micro-batch per process.")
     grad_accum: int = param(1, "Micro-batches per optimizer step.")
@@ -329,6 +332,92 @@ class TrackingParams:
     experiment: str = param("defectvlm", "MLflow experiment name.")
 
 
+GATE_METRICS = ("roi.f1", "roi.precision", "roi.recall", "image.f1", "image.auroc", "image.average_precision")
+
+
+@dataclass(frozen=True)
+class RegistryParams:
+    """Model registry (MLflow): what a registered adapter is called and what it must reach to become champion."""
+
+    model_name: str = param("defectvlm-adapter", "Registered model name; each `register` adds a version.")
+    gates: dict[str, float] = param(
+        {"roi.f1": 0.3, "image.auroc": 0.55},
+        "Minimum test metrics for promotion (keys: " + ", ".join(GATE_METRICS) + ").",
+    )
+    reproduce_tolerance: float = param(0.02, "`reproduce`: largest allowed difference of a re-derived test metric.")
+
+    def __post_init__(self) -> None:
+        if not self.model_name.strip():
+            _fail("registry.model_name", "must be non-empty")
+        for key, value in self.gates.items():
+            if key not in GATE_METRICS:
+                _fail(f"registry.gates.{key}", f"unknown metric (known: {', '.join(GATE_METRICS)})")
+            if not 0 <= value <= 1:
+                _fail(f"registry.gates.{key}", f"must be within [0, 1], got {value}")
+        if self.reproduce_tolerance < 0:
+            _fail("registry.reproduce_tolerance", f"must be >= 0, got {self.reproduce_tolerance}")
+
+
+@dataclass(frozen=True)
+class TrainJobParams:
+    """A Kubeflow Trainer v2 TrainJob per training phase (train.launcher: trainjob): torchrun on every node."""
+
+    num_nodes: int = param(2, "Training nodes (pods).")
+    num_proc_per_node: int = param(8, "Processes per node (one per GPU).")
+    gpus_per_node: int = param(8, "GPUs each node requests (resourcesPerNode).")
+    cpu_per_node: str = param("32", "CPU each node requests (Kubernetes quantity).")
+    memory_per_node: str = param("256Gi", "Memory each node requests (Kubernetes quantity).")
+    runtime: str = param("torch-distributed", "ClusterTrainingRuntime the TrainJob runs on.")
+    namespace: str = param("", "Namespace of the TrainJob; empty means the pipeline step's own namespace.")
+    image: str = param("", "Trainer image; empty means the pipeline's training image.")
+    timeout_hours: float = param(72.0, "Fail (and delete the TrainJob) when it has not finished after this long.")
+
+    def __post_init__(self) -> None:
+        for key in ("num_nodes", "num_proc_per_node"):
+            if getattr(self, key) < 1:
+                _fail(f"trainjob.{key}", f"must be >= 1, got {getattr(self, key)}")
+        if self.gpus_per_node < 0:
+            _fail("trainjob.gpus_per_node", f"must be >= 0, got {self.gpus_per_node}")
+        if self.timeout_hours <= 0:
+            _fail("trainjob.timeout_hours", f"must be > 0, got {self.timeout_hours}")
+
+
+@dataclass(frozen=True)
+class ClusterParams:
+    """How the Kubeflow pipeline runs on the cluster; read when it is compiled (not pipeline parameters)."""
+
+    image_registry: str = param("ghcr.io/defectvlm", "Registry the images are pushed to (defectvlm-data, -train).")
+    workspace: str = param("/workspace", "Mount path of the shared volume: raw images and checkpoints live here.")
+    workspace_pvc: str = param("defectvlm-workspace", "PersistentVolumeClaim (ReadWriteMany) mounted at workspace.")
+    secrets: dict[str, list[str]] = param(
+        {
+            "defectvlm-s3": ["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"],
+            "defectvlm-mlflow": ["MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"],
+        },
+        "Kubernetes secret -> keys exposed to every step as environment variables of the same name.",
+    )
+    service_account: str = param(
+        "", "Service account of a submitted run; empty: KFP's default. It needs pipelines/rbac.yaml's role."
+    )
+    accelerator_type: str = param("nvidia.com/gpu", "Accelerator resource of a training step.")
+    gpus: int = param(1, "GPUs of a training step with train.launcher: local.")
+    train_cpu: str = param("8", "CPU request of a training or evaluation step.")
+    train_memory: str = param("64Gi", "Memory request of a training or evaluation step.")
+    shm_size: str = param("16Gi", "/dev/shm (in-memory emptyDir) of a training step: NCCL and data loaders need it.")
+    node_selector: dict[str, str] = param({}, "Node labels a training or evaluation step must run on.")
+    tolerations: list[dict[str, str]] = param(
+        [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "Tolerations of a training or evaluation step (Kubernetes toleration objects).",
+    )
+    retries: int = param(2, "Retries of a step that reads or writes shared storage.")
+
+    def __post_init__(self) -> None:
+        if not self.workspace.startswith("/"):
+            _fail("cluster.workspace", f"must be an absolute path, got {self.workspace!r}")
+        if self.gpus < 0 or self.retries < 0:
+            _fail("cluster.gpus", "gpus and retries must be >= 0")
+
+
 @dataclass(frozen=True)
 class Params:
     """All parameters of a pipeline run (one section per step family)."""
@@ -342,6 +431,9 @@ class Params:
     sft: SftParams = param(SftParams(), "SFT conversations.")
     train: TrainParams = param(TrainParams(), "Phased training.")
     tracking: TrackingParams = param(TrackingParams(), "Experiment tracking.")
+    registry: RegistryParams = param(RegistryParams(), "Model registry and promotion gates.")
+    trainjob: TrainJobParams = param(TrainJobParams(), "Multi-node training (train.launcher: trainjob).")
+    cluster: ClusterParams = param(ClusterParams(), "Kubeflow Pipelines: images, resources, secrets.")
 
 
 # --- loading -------------------------------------------------------------------------

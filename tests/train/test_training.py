@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from defectvlm.models.families import get_family
 from defectvlm.models.tiny import build_tiny
+from defectvlm.tracking.lineage import file_md5
 from defectvlm.tracking.mlflow_tracking import MlflowTracking
 from defectvlm.train.artifacts import NON_LORA_FILE, load_trained
 from defectvlm.train.loop import build_model, train_phase, weights_digest
@@ -40,7 +41,7 @@ def reloaded_digest(params, best: Path) -> str:
 
 def test_three_phases_chain_log_to_mlflow_and_describe_themselves(sft_dir, train_params):
     _, params = train_params()
-    tracking = MlflowTracking(params)
+    tracking = MlflowTracking(params, sft_dir)
     for number in (1, 2, 3):
         metrics = train_phase(params, number, sft_dir, tracking=tracking)
         assert metrics["steps"] == params.train.phase(number).max_steps
@@ -74,8 +75,14 @@ def test_three_phases_chain_log_to_mlflow_and_describe_themselves(sft_dir, train
 
     mlflow.set_tracking_uri(params.tracking.uri)
     runs = mlflow.search_runs(experiment_names=["test"], output_format="list")
-    assert sorted(r.info.run_name for r in runs) == ["phase1", "phase2", "phase3"]
-    phase1 = next(r for r in runs if r.info.run_name == "phase1")
+    assert sorted(r.info.run_name for r in runs)[1:] == ["train_phase1", "train_phase2", "train_phase3"]
+    (parent,) = [r for r in runs if r.data.tags["defectvlm.step"] == "pipeline"]
+    phase1 = next(r for r in runs if r.info.run_name == "train_phase1")
+    assert all(r.data.tags.get("mlflow.parentRunId") == parent.info.run_id for r in runs if r is not parent)
+    assert parent.data.params["train.phase1.lr_lm"] == str(params.train.phase1.lr_lm)
+    digests = {d.dataset.name: d.dataset.digest for d in phase1.inputs.dataset_inputs}
+    assert digests == {"sft.train": file_md5(sft_dir / "train.jsonl"), "sft.val": file_md5(sft_dir / "val.jsonl")}
+    assert parent.data.tags["data.sft.test.md5"] == file_md5(sft_dir / "test.jsonl")
     assert int(phase1.data.params["trainable.projector.base"]) > 0
     assert phase1.data.params["trainable.vision_blocks.base"] == "0"
     assert "loss" in phase1.data.metrics and "token_efficiency" in phase1.data.metrics

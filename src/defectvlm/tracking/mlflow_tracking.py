@@ -1,13 +1,26 @@
-"""MLflow glue: one run per training phase with the flattened parameters, per-step metrics
-and the trainable-parameter table. Credentials come from the environment (MLFLOW_TRACKING_*
-variables), never from params.yaml, and are never logged."""
+"""MLflow glue. One parent run per pipeline execution, found by its pipeline key (same commit,
+data digests and parameters), created by the first step that logs; under it a nested run
+per training phase, for the evaluation and for the registration. The parent carries the
+flattened parameters, the lineage tags (git commit, dirty flag, data digests) and the
+resolved parameters; step runs log the SFT splits they read as dataset inputs whose digest
+is the file's md5 (the digest DVC records). Credentials come from the environment
+(MLFLOW_TRACKING_*, AWS_*), never from params.yaml, and are never logged."""
 
 from __future__ import annotations
 
 import json
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from defectvlm.config import Params, params_to_dict
+from defectvlm.tracking.lineage import lineage_tags, pipeline_key, split_digests
+
+PIPELINE_KEY_TAG = "defectvlm.pipeline_key"
+STEP_TAG = "defectvlm.step"
+LINEAGE_FILE = "lineage.json"
+_UNFLATTENED = ("label_map", "ratios", "task_weights", "gates")
 
 
 def flatten_params(params: Params) -> dict[str, str]:
@@ -15,7 +28,7 @@ def flatten_params(params: Params) -> dict[str, str]:
     flat: dict[str, str] = {}
 
     def walk(value, key: str) -> None:
-        if isinstance(value, dict) and key.count(".") < 2 and not key.endswith(("label_map", "ratios", "task_weights")):
+        if isinstance(value, dict) and key.count(".") < 2 and not key.endswith(_UNFLATTENED):
             for k, v in value.items():
                 walk(v, f"{key}.{k}" if key else k)
         else:
@@ -25,23 +38,83 @@ def flatten_params(params: Params) -> dict[str, str]:
     return flat
 
 
-class MlflowTracking:
-    def __init__(self, params: Params):
-        import mlflow
+def connect(params: Params):
+    """The mlflow module, pointed at params.tracking (uri and experiment)."""
+    import mlflow
 
-        self.mlflow = mlflow
-        mlflow.set_tracking_uri(params.tracking.uri)
-        mlflow.set_experiment(params.tracking.experiment)
+    mlflow.set_tracking_uri(params.tracking.uri)
+    mlflow.set_experiment(params.tracking.experiment)
+    return mlflow
+
+
+def parent_run_id(params: Params, sft_dir: Path) -> str:
+    """The pipeline execution's parent run: found by its key, or created with params and lineage."""
+    mlflow = connect(params)
+    client = mlflow.MlflowClient()
+    experiment = mlflow.get_experiment_by_name(params.tracking.experiment)
+    key = pipeline_key(params, sft_dir)
+    found = client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`{PIPELINE_KEY_TAG}` = '{key}'", max_results=1
+    )
+    if found:
+        return found[0].info.run_id
+    tags = {PIPELINE_KEY_TAG: key, STEP_TAG: "pipeline", **lineage_tags(params, sft_dir)}
+    run = client.create_run(experiment.experiment_id, run_name=f"pipeline-{key[:8]}", tags=tags)
+    run_id = run.info.run_id
+    flat = flatten_params(params)
+    items = sorted(flat.items())
+    for start in range(0, len(items), 100):  # the REST API takes at most 100 params per call
+        client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in items[start : start + 100]])
+    client.log_dict(run_id, params_to_dict(params), "params.resolved.json")
+    client.set_terminated(run_id)
+    return run_id
+
+
+def lineage_files(params: Params) -> dict[str, str]:
+    """The texts that restore this data version: dvc.lock and the raw folders' .dvc files."""
+    paths = ["dvc.lock", f"{params.data.abnormal_root}.dvc", f"{params.data.normal_root}.dvc"]
+    return {path: Path(path).read_text(encoding="utf-8") for path in paths if Path(path).is_file()}
+
+
+@contextmanager
+def step_run(params: Params, sft_dir: Path, name: str, inputs: tuple[str, ...]) -> Iterator:
+    """A nested run for one step under the pipeline's parent run, with the SFT splits it
+    reads logged as dataset inputs (context = split name)."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    parent = parent_run_id(params, sft_dir)
+    mlflow = connect(params)
+    tags = {STEP_TAG: name, **lineage_tags(params, sft_dir)}
+    mlflow.MlflowClient().log_dict(parent, lineage_files(params), LINEAGE_FILE)
+    with mlflow.start_run(run_name=name, parent_run_id=parent, tags=tags) as run:
+        for split, digest in split_digests(sft_dir, inputs).items():
+            with warnings.catch_warnings():  # a local path matches two equivalent registered source kinds
+                warnings.simplefilter("ignore", UserWarning)
+                source = resolve_dataset_source(str((sft_dir / f"{split}.jsonl").resolve()))
+            mlflow.log_input(MetaDataset(source, name=f"sft.{split}", digest=digest), context=split)
+        yield run
+    mlflow.MlflowClient().set_terminated(parent)
+
+
+class MlflowTracking:
+    """What the training recipe talks to: one nested run per phase."""
+
+    def __init__(self, params: Params, sft_dir: Path):
+        self.params = params
+        self.sft_dir = sft_dir
 
     def phase_logger(self, params: Params, phase: int, table: list[dict]) -> PhaseRun:
-        return PhaseRun(self.mlflow, params, phase, table)
+        return PhaseRun(step_run(params, self.sft_dir, f"train_phase{phase}", ("train", "val")), params, table)
 
 
 class PhaseRun:
-    def __init__(self, mlflow, params: Params, phase: int, table: list[dict]):
+    def __init__(self, context, params: Params, table: list[dict]):
+        import mlflow
+
         self.mlflow = mlflow
-        self.run = mlflow.start_run(run_name=f"phase{phase}")
-        mlflow.set_tag("defectvlm.step", f"train_phase{phase}")
+        self.context = context
+        self.run = context.__enter__()
         mlflow.log_params(flatten_params(params))
         mlflow.log_params({f"trainable.{row['group']}.{row['kind']}": row["trainable"] for row in table})
         mlflow.log_dict(table, "trainable_parameters.json")
@@ -52,30 +125,34 @@ class PhaseRun:
 
     def finish(self, metrics: dict, out: Path) -> None:
         self.mlflow.log_dict(metrics, "metrics.json")
-        self.mlflow.end_run()
+        self.context.__exit__(None, None, None)
 
 
-def log_evaluation(params: Params, run_dir: Path, metrics: dict, report_dir: Path) -> str | None:
-    """Add evaluation metrics, plots and the report to the training phase's MLflow run."""
-    import mlflow
-
-    train_metrics = run_dir / "metrics.json"
-    run_id = (
-        json.loads(train_metrics.read_text(encoding="utf-8")).get("mlflow_run_id") if train_metrics.exists() else None
-    )
-    if run_id is None:
-        return None
-    mlflow.set_tracking_uri(params.tracking.uri)
+def evaluation_metrics(metrics: dict) -> dict[str, float]:
+    """Flat `<split>.<level>.<metric>` numbers of an evaluation (fine-tuned and baseline)."""
     values = {}
     for part in (metrics["split"], "baseline"):
         for level in ("roi", "image"):
             for key, value in ((metrics.get(part) or {}).get(level) or {}).items():
-                if isinstance(value, (int, float)):
-                    values[f"{part}_{level}_{key}"] = float(value)
-    with mlflow.start_run(run_id=run_id):
-        mlflow.log_metrics(values)
-        mlflow.log_metric("threshold", float(metrics[metrics["split"]]["threshold"]))
-        mlflow.log_artifacts(str(report_dir / "plots"), "evaluation/plots")
-        mlflow.log_artifact(str(report_dir / "report.md"), "evaluation")
-        mlflow.log_artifact(str(report_dir / "metrics.json"), "evaluation")
-    return run_id
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    values[f"{part}.{level}.{key}"] = float(value)
+    values["threshold"] = float(metrics[metrics["split"]]["threshold"])
+    return values
+
+
+def log_evaluation(params: Params, sft_dir: Path, metrics: dict, report_dir: Path) -> str:
+    """A nested `evaluate` run: the metrics, plots and report, linked to the phase run it evaluated."""
+    import mlflow
+
+    run_dir = Path(metrics["run"])
+    train_metrics = run_dir / "metrics.json"
+    phase_run = (
+        json.loads(train_metrics.read_text(encoding="utf-8")).get("mlflow_run_id") if train_metrics.exists() else None
+    )
+    with step_run(params, sft_dir, "evaluate", ("val", metrics["split"])) as run:
+        mlflow.set_tags({"defectvlm.evaluated_run_dir": str(run_dir), "defectvlm.phase_run_id": str(phase_run)})
+        mlflow.log_metrics(evaluation_metrics(metrics))
+        mlflow.log_artifacts(str(report_dir / "plots"), "plots")
+        for name in ("report.md", "metrics.json", "inference.json"):
+            mlflow.log_artifact(str(report_dir / name))
+        return run.info.run_id
