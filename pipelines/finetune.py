@@ -24,9 +24,11 @@ from components.split import split
 from components.train import train_phase
 from defectvlm.cluster.images import image
 from defectvlm.cluster.steps import RUNTIME_SECTIONS, STEPS
-from defectvlm.config import Params, field_docs, params_to_dict
+from defectvlm.config import ClusterParams, Params, field_docs, params_to_dict
 
 NAME = "defectvlm-finetune"
+TRAIN_STEPS = ("train_phase1", "train_phase2", "train_phase3")
+IO_STEPS = ("scan_labels", "ingest", "split", "regions", "sft", "evaluate", "register")  # retried on failure
 
 
 def build(params: Params):
@@ -65,7 +67,7 @@ def build(params: Params):
             )
             tasks[f"train_phase{n}"] = task
             adapters[n] = task.outputs["adapter"]
-        phases = {f"phase{n}": adapters[n] for n in adapters}
+        phases = {f"phase{n}": adapter for n, adapter in adapters.items()}
         tasks["evaluate"] = evaluate(**sections("evaluate"), **run, **phases)
         tasks["register"] = register(
             **sections("register"), **run, **phases, reports=tasks["evaluate"].outputs["reports"]
@@ -73,21 +75,20 @@ def build(params: Params):
 
         for step, task in tasks.items():
             task.set_display_name(step)
-            task.set_container_image(
-                image("train" if step.startswith(("train", "evaluate")) else "data", cluster.image_registry)
-            )
+            kind = "train" if step in (*TRAIN_STEPS, "evaluate") else "data"
+            task.set_container_image(image(kind, cluster.image_registry))
             for secret, keys in cluster.secrets.items():
                 kubernetes.use_secret_as_env(task, secret, {key: key for key in keys})
             if cluster.workspace_pvc:
                 kubernetes.mount_pvc(task, cluster.workspace_pvc, cluster.workspace)
-        for step in ("scan_labels", "ingest", "split", "regions", "sft", "evaluate", "register"):
+        for step in IO_STEPS:
             tasks[step].set_retry(cluster.retries, backoff_duration="30s")
         # They read and write MLflow, which a cached result would skip.
         for step in ("evaluate", "register"):
             tasks[step].set_caching_options(False)
-        gpu_steps = ["evaluate"] + ([f"train_phase{n}" for n in (1, 2, 3)] if params.train.launcher == "local" else [])
-        for step in gpu_steps:
-            _gpu_task(tasks[step], params)
+        # with the trainjob launcher the training steps only create and watch TrainJobs
+        for step in ("evaluate", *(TRAIN_STEPS if params.train.launcher == "local" else ())):
+            _gpu_task(tasks[step], cluster)
         return tasks["register"].outputs["registration"]
 
     docs = {key: doc for key, doc, _ in field_docs(Params) if "." not in key}
@@ -107,8 +108,7 @@ def build(params: Params):
     return dsl.pipeline(name=NAME)(finetune)
 
 
-def _gpu_task(task, params: Params) -> None:
-    cluster = params.cluster
+def _gpu_task(task, cluster: ClusterParams) -> None:
     task.set_accelerator_type(cluster.accelerator_type).set_accelerator_limit(cluster.gpus)
     task.set_cpu_request(cluster.train_cpu).set_memory_request(cluster.train_memory)
     kubernetes.empty_dir_mount(

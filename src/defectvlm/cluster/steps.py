@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import subprocess
+import sys
 import tempfile
 import typing
 from dataclasses import dataclass
@@ -87,12 +89,22 @@ def run_cli(argv: list[str]) -> None:
         raise RuntimeError(f"`defectvlm {' '.join(argv)}` exited with {code}")
 
 
-def run_step(step: str, sections: dict[str, dict], **paths: str) -> Params:
-    """Run a data step (scan_labels ... sft) with its sections; returns the resolved params."""
-    params = params_from_sections(sections)
+def run_step(step: str, sections: dict[str, dict], **paths: str) -> None:
+    """Run a data step (scan_labels ... sft) with its sections."""
     with tempfile.TemporaryDirectory() as tmp:
-        run_cli(command(step, write_params(params, Path(tmp) / "params.yaml"), **paths))
-    return params
+        run_cli(command(step, write_params(params_from_sections(sections), Path(tmp) / "params.yaml"), **paths))
+
+
+def run_training(argv: list[str]) -> None:
+    """`defectvlm train ...` in this pod: one process, or one per GPU under torchrun."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if gpus > 1:
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}"]
+        subprocess.run([*torchrun, "-m", "defectvlm", *argv], check=True)
+    else:
+        run_cli(argv)
 
 
 def run_folder(cluster: dict, job_id: str, phases: dict[int, str]) -> Path:
@@ -122,7 +134,7 @@ def train_phase(
     job_id: str,
     adapter: str,
 ) -> dict:
-    """Train one phase in the run folder, in this process or as a TrainJob, and copy the phase
+    """Train one phase in the run folder, in this pod or as a TrainJob, and copy the phase
     folder without its checkpoints to `adapter`. A retried task resumes from the phase's last
     checkpoint. Returns the phase's metrics."""
     root = run_folder(cluster, job_id, earlier)
@@ -141,7 +153,7 @@ def train_phase(
         train_image = image("train", resolved.cluster.image_registry)
         run_trainjob(resolved.trainjob, resolved.cluster, phase, argv, train_image)
     else:
-        run_cli(argv)
+        run_training(argv)
     if out.exists():
         shutil.copytree(out, adapter, ignore=shutil.ignore_patterns("checkpoints"), dirs_exist_ok=True)
     else:
@@ -152,9 +164,8 @@ def train_phase(
 
 def run_on_phases(
     step: str, sections: dict[str, dict], cluster: dict, job_id: str, phases: dict[int, str], **paths: str
-) -> Params:
+) -> None:
     """evaluate / register: run the step with the run folder as train.output_dir."""
     params = _with_output_dir(sections, run_folder(cluster, job_id, phases))
     with tempfile.TemporaryDirectory() as tmp:
         run_cli(command(step, write_params(params, Path(tmp) / "params.yaml"), **paths))
-    return params
