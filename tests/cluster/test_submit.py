@@ -101,6 +101,7 @@ def test_submit_creates_a_run_of_the_compiled_pipeline_with_the_params_as_argume
     assert "cluster" not in arguments  # compiled in, not a run parameter
 
 
-def test_submit_without_host_is_a_usage_error(monkeypatch):
+def test_submit_without_host_and_run_without_local_are_usage_errors(monkeypatch):
     monkeypatch.chdir(REPO)
     assert run_cli("pipeline", "submit") == 2
+    assert run_cli("pipeline", "run") == 2
