@@ -45,7 +45,7 @@ bench: $(VENV)/.installed
 # in params.yaml); needs Docker with BuildKit. Push them with `docker push <name>`.
 images: $(VENV)/.installed
 	for kind in data train; do \
-	  docker build -f dockerfiles/$$kind.Dockerfile -t $$($(BIN)/python -m defectvlm.cluster.images $$kind) . || exit 1; \
+	  docker build -f dockerfiles/$$kind.Dockerfile --build-arg GIT_COMMIT=$$(git rev-parse HEAD) -t $$($(BIN)/python -m defectvlm.cluster.images $$kind) . || exit 1; \
 	done
 
 # Re-resolve and pin every dependency (run after changing pyproject.toml).

@@ -13,5 +13,8 @@ RUN pip install "pip==26.3" "setuptools==84.2.1" "wheel==0.48.0" \
 COPY src ./src
 COPY configs ./configs
 RUN pip install -c constraints.txt . && defectvlm --help > /dev/null
+# The code's commit, for the lineage tags of runs made in this image (no .git inside).
+ARG GIT_COMMIT=""
+ENV DEFECTVLM_GIT_COMMIT=${GIT_COMMIT}
 
 USER defectvlm

@@ -35,5 +35,8 @@ RUN if [ "$FLASH_ATTENTION" = 1 ]; then \
 COPY src ./src
 COPY configs ./configs
 RUN pip install -c constraints.txt . && defectvlm --help > /dev/null
+# The code's commit, for the lineage tags of runs made in this image (no .git inside).
+ARG GIT_COMMIT=""
+ENV DEFECTVLM_GIT_COMMIT=${GIT_COMMIT}
 
 USER defectvlm

@@ -15,6 +15,7 @@ import yaml
 from defectvlm.config import SPLITS, Params, params_to_dict
 
 DATA_VERSION_ENV = "DEFECTVLM_DATA_VERSION"
+GIT_COMMIT_ENV = "DEFECTVLM_GIT_COMMIT"  # set in the container images (no .git inside)
 
 
 def file_md5(path: Path) -> str:
@@ -40,10 +41,13 @@ def _git(args: list[str], cwd: Path) -> str | None:
 
 
 def git_info(cwd: Path = Path(".")) -> dict[str, str]:
-    """Commit, dirty flag (tracked files changed) and an exact tag, when `cwd` is in a git repository."""
+    """Commit, dirty flag (tracked files changed) and an exact tag, when `cwd` is in a git repository;
+    else the commit the container image was built from."""
     commit = _git(["rev-parse", "HEAD"], cwd)
     if commit is None:
-        return {}
+        return (
+            {"git.commit": os.environ[GIT_COMMIT_ENV], "git.source": "image"} if os.environ.get(GIT_COMMIT_ENV) else {}
+        )
     dirty = _git(["status", "--porcelain", "--untracked-files=no"], cwd)
     info = {"git.commit": commit, "git.dirty": str(bool(dirty)).lower()}
     tag = _git(["describe", "--tags", "--exact-match"], cwd)
