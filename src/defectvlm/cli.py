@@ -233,7 +233,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
     params = _load(args)
     record = promote(params, args.alias, args.version, force=args.force, reason=args.reason or "")
     console.print(
-        f"{params.registry.model_name} v{record['version']} is now @{args.alias} (was v{record['previous']})"
+        f"{params.registry.model_name} v{record['version']} is now @{args.alias} "
+        + (f"(was v{record['previous']})" if record["previous"] else "(the first)")
         + (f"; FORCED past: {'; '.join(record['overridden'])}" if record["forced"] else "")
     )
     return 0

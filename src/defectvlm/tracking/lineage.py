@@ -85,9 +85,8 @@ def lineage_tags(params: Params, sft_dir: Path) -> dict[str, str]:
 
 def pipeline_key(params: Params, sft_dir: Path) -> str:
     """Runs of one pipeline execution share this key: same code commit, data and parameters."""
-    material = {
-        "git": git_info().get("git.commit", ""),
-        "data": split_digests(sft_dir),
-        "params": params_to_dict(params),
-    }
+    # what shapes the model; not how it is registered or where it runs (the cluster steps
+    # receive only the sections they read, so those would split one execution in two)
+    shaping = {k: v for k, v in params_to_dict(params).items() if k not in ("registry", "cluster", "trainjob")}
+    material = {"git": git_info().get("git.commit", ""), "data": split_digests(sft_dir), "params": shaping}
     return hashlib.sha256(yaml.safe_dump(material, sort_keys=True).encode()).hexdigest()[:32]
