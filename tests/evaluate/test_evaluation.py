@@ -14,7 +14,7 @@ from defectvlm.evaluate.run import evaluate
 from defectvlm.evaluate.scoring import answer_positions, parse_answer, score_samples, vocabulary
 from defectvlm.io import read_jsonl
 from defectvlm.models.tiny import build_tiny
-from defectvlm.train.data import load_image
+from defectvlm.train.data import image_parts, load_part
 
 CLASSES = ["incomplete_spreading", "over_melt", "slag", "streak"]
 
@@ -62,18 +62,20 @@ def test_answer_parser_is_lenient_and_counts_what_it_cannot_read(text, parsed, m
 
 
 def slow_reference(model, processor, sample, vocab) -> dict[str, float]:
-    """One forward per region: the conversation cut just before the region's label word."""
+    """One forward per region: the conversation cut just before the region's label word (every
+    image part, the whole image and any region crops, sits in the prompt before the answer)."""
     text = processor.apply_chat_template(sample["messages"], tokenize=False)
     answer = sample["messages"][2]["content"]
     answer_start = text.rindex(answer)
-    image = load_image(sample["images"][0])
+    cache = {}
+    images = [load_part(part, cache) for part in image_parts(sample)]
     scores = {}
     for line in answer.split("\n"):
         match = re.match(r"(R\d+): (abnormal|normal)", line)
         if not match:
             continue
         cut = answer_start + answer.index(line) + len(match.group(1)) + 1  # before " abnormal"/" normal"
-        inputs = processor(text=[text[:cut]], images=[image], return_tensors="pt")
+        inputs = processor(text=[text[:cut]], images=images, return_tensors="pt")
         inputs.pop("mm_token_type_ids", None)
         logits = model(**inputs).logits[0, -1]
         scores[match.group(1)] = float(torch.softmax(logits[[vocab.abnormal, vocab.normal]], dim=0)[0])
