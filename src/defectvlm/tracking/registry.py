@@ -83,7 +83,7 @@ def register(params: Params, best: Path, reports: Path, sft_dir: Path) -> Regist
                 raise
         version = client.create_model_version(params.registry.model_name, source, run_id=run_id, tags=tags)
         _wait_ready(client, params.registry.model_name, version.version)
-        client.set_registered_model_alias(params.registry.model_name, CANDIDATE, version.version)
+        set_alias(client, params.registry.model_name, CANDIDATE, version.version)
         mlflow.set_tags({"registered.name": params.registry.model_name, "registered.version": version.version})
     return Registration(params.registry.model_name, version.version, run_id, pipeline, source)
 
@@ -129,7 +129,7 @@ def promote(
         "reason": reason,
         "overridden": refusals if force else [],
     }
-    client.set_registered_model_alias(name, alias, challenger.version)
+    set_alias(client, name, alias, challenger.version)
     client.set_model_version_tag(name, challenger.version, f"promoted.{alias}", json.dumps(record))
     if holder and holder.version != challenger.version:
         client.set_model_version_tag(name, holder.version, f"retired.{alias}", json.dumps(record))
@@ -141,6 +141,21 @@ def promote(
         history.pop(0)
     client.set_registered_model_tag(name, f"history.{alias}", json.dumps(history))
     return record
+
+
+def set_alias(client, name: str, alias: str, version: str, attempts: int = 5) -> None:
+    """Point `alias` at `version`. The server's alias upsert is a read then an insert, so two
+    registrations at once can collide on the insert (a unique-key error): try again."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            client.set_registered_model_alias(name, alias, version)
+            return
+        except MlflowException as exc:
+            if "already exists" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def _gate_failures(params: Params, version) -> list[str]:
