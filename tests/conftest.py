@@ -32,6 +32,17 @@ def run_cli(*args: str) -> int:
     return main([str(a) for a in args])
 
 
+def prepare_sft(params: Path, out: Path) -> Path:
+    """ingest -> split -> regions -> build-sft through the CLI into out/01..04; returns out/04."""
+    previous = None
+    for step, folder in [("ingest", "01"), ("split", "02"), ("regions", "03"), ("build-sft", "04")]:
+        args = [step, "--params", params, "--out", out / folder]
+        args += ["--quiet"] if step == "ingest" else ["--in", out / previous]
+        assert run_cli(*args) == 0
+        previous = folder
+    return out / "04"
+
+
 def read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
@@ -53,11 +64,4 @@ def sft_dir(tmp_path_factory) -> Path:
         root / "params.yaml",
         {"data": {"abnormal_root": str(raw / "abnormal_root"), "normal_root": str(raw / "normal_root")}},
     )
-    steps = [("ingest", "01"), ("split", "02"), ("regions", "03"), ("build-sft", "04")]
-    previous = None
-    for step, folder in steps:
-        args = [step, "--params", params, "--out", root / folder]
-        args += ["--quiet"] if step == "ingest" else ["--in", root / previous]
-        assert run_cli(*args) == 0
-        previous = folder
-    return root / "04"
+    return prepare_sft(params, root)

@@ -13,6 +13,7 @@ from tests.conftest import run_cli, write_params
         ("build-sft", "train.jsonl: cannot read"),
         ("train", "train.jsonl: cannot read"),
         ("evaluate", "sft_summary.json not found"),
+        ("register", "phase.json not found"),
     ],
 )
 def test_missing_inputs_are_clear_errors(tmp_path, capsys, step, message):
@@ -42,3 +43,12 @@ def test_bad_parameter_is_exit_2_with_file_and_key(tmp_path, capsys):
     assert run_cli("regions", "--params", params) == 2
     err = capsys.readouterr().err
     assert "params.yaml" in err and "regions.neg_max_iou" in err
+
+
+def test_promote_and_reproduce_name_what_the_registry_lacks(tmp_path, capsys):
+    params = write_params(tmp_path / "params.yaml", {"tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}})
+    assert run_cli("promote", "--params", params) == 1
+    assert "no version @candidate" in capsys.readouterr().err
+    assert run_cli("reproduce", "--params", params, "--run-id", "0123456789abcdef") == 1
+    err = capsys.readouterr().err
+    assert "run 0123456789abcdef not found" in err and "Traceback" not in err

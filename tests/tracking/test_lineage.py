@@ -9,18 +9,11 @@ from PIL import Image
 
 from defectvlm.io import read_jsonl
 from defectvlm.tracking.lineage import dvc_digests, file_md5, git_info, split_digests
-from tests.conftest import run_cli, write_params
+from tests.conftest import prepare_sft, run_cli, write_params
 
 
-def prepare(root: Path, params: Path, out: Path) -> dict[str, str]:
-    steps = [("ingest", "01"), ("split", "02"), ("regions", "03"), ("build-sft", "04")]
-    previous = None
-    for step, folder in steps:
-        args = [step, "--params", params, "--out", out / folder]
-        args += ["--quiet"] if step == "ingest" else ["--in", out / previous]
-        assert run_cli(*args) == 0
-        previous = folder
-    return split_digests(out / "04")
+def prepare(params: Path, out: Path) -> dict[str, str]:
+    return split_digests(prepare_sft(params, out))
 
 
 def test_changing_one_image_changes_only_its_splits_digest(tmp_path):
@@ -30,9 +23,9 @@ def test_changing_one_image_changes_only_its_splits_digest(tmp_path):
         tmp_path / "params.yaml",
         {"data": {"abnormal_root": str(raw / "abnormal_root"), "normal_root": str(raw / "normal_root")}},
     )
-    before = prepare(raw, params, tmp_path / "before")
+    before = prepare(params, tmp_path / "before")
     assert set(before) == {"train", "val", "test"}
-    assert prepare(raw, params, tmp_path / "again") == before  # same data, same digests
+    assert prepare(params, tmp_path / "again") == before  # same data, same digests
 
     record = read_jsonl(tmp_path / "before" / "04" / "test.jsonl")[0]
     image_path = Path(record["images"][0])
@@ -40,7 +33,7 @@ def test_changing_one_image_changes_only_its_splits_digest(tmp_path):
         changed = image.copy()
     changed.putpixel((0, 0), (255, 0, 0))
     changed.save(image_path, quality=95)  # same size, same labels: only the pixels differ
-    after = prepare(raw, params, tmp_path / "after")
+    after = prepare(params, tmp_path / "after")
     assert after["test"] != before["test"]
     assert after["train"] == before["train"] and after["val"] == before["val"]
 
