@@ -14,6 +14,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade "pip==26.3" "setuptools==84.2.1" "wheel==0.48.0"
 	$(BIN)/python -m pip install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/python -m defectvlm.train.prebuild
 	touch $@
 
 install: $(VENV)/.installed
