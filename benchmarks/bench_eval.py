@@ -33,12 +33,17 @@ def main() -> None:
     samples = read_jsonl(args.sft / "test.jsonl")[: args.limit or None]
     classes = json.loads((args.sft / "sft_summary.json").read_text(encoding="utf-8"))["classes"]
 
-    start = time.perf_counter()
-    rows = score_samples(model, processor, samples, classes)
-    scoring = time.perf_counter() - start
     # Each answer may be as long as the reference answer (+1 for the end token): the fastest a
     # model that answers correctly could generate. An untrained model never stops on its own.
     budgets = [len(processor.tokenizer(s["messages"][2]["content"])["input_ids"]) + 1 for s in samples]
+    # One warm-up call of each path first: the first forward pays one-time costs (allocations,
+    # lazy initialisation) that a long evaluation does not.
+    score_samples(model, processor, samples[:4], classes)
+    generate_answers(model, processor, samples[:1], budgets[:1])
+
+    start = time.perf_counter()
+    rows = score_samples(model, processor, samples, classes)
+    scoring = time.perf_counter() - start
     start = time.perf_counter()
     answers = generate_answers(model, processor, samples, budgets)
     generation = time.perf_counter() - start
