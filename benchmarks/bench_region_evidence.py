@@ -15,7 +15,7 @@
    carry a crop's evidence to the answer, and what it lacks is features that make real
    defects stand out.
 
-A lean loop (AdamW, warm-up + cosine, gradient clipping; no DeepSpeed, no checkpoints) so
+A lean loop (AdamW, the recipe's warm-up + cosine schedule, gradient clipping; no DeepSpeed, no checkpoints) so
 that it runs in a few minutes; the whole image uses `--max-pixels` (small, for speed).
 """
 
@@ -39,6 +39,7 @@ from defectvlm.io import read_jsonl
 from defectvlm.models.families import get_family
 from defectvlm.models.tiny import build_tiny
 from defectvlm.train.data import Collator, SftDataset, batches
+from defectvlm.train.loop import lr_lambda
 from defectvlm.train.phases import apply_phase, param_groups
 
 
@@ -87,11 +88,7 @@ def train_and_score(train: list[dict], test: list[dict], classes: list[str], ste
     model = apply_phase(model, family, phase, params.train.lora)
     groups = param_groups(model, family, phase)
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
-    warmup = max(1, int(0.1 * steps))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup))),
-    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(steps, params.train.warmup_ratio))
     dataset, collate = SftDataset(train, processor), Collator(processor)
     lengths = [item.length for item in dataset.items]
     order = [b for epoch in range(math.ceil(steps * 4 / len(train)) + 1) for b in batches(lengths, 4, 42, epoch, True)]
