@@ -84,6 +84,15 @@ def test_boxes_land_in_the_displayed_frame(ingested):
     assert manifest["normal/b1/n_ok.jpg"]["boxes"] == [] and manifest["normal/b1/n_ok.jpg"]["group"] == "b1"
 
 
+def test_stray_delimiters_give_the_same_boxes_as_a_clean_line(ingested):
+    root, _ = ingested
+    manifest = {r["id"]: r for r in read_jsonl(root / "out" / "manifest.jsonl")}
+    expected = {"stray_lead": "灰渣", "stray_trail": "灰渣", "stray_double": "条纹", "stray_blank": "过熔"}
+    for name, raw in expected.items():
+        (box,) = manifest[f"abnormal/ok/{name}.jpg"]["boxes"]
+        assert box["xyxy"] == [10, 10, 50, 50] and box["raw"] == raw
+
+
 def test_unknown_label_fails_the_run_with_a_message(ingested, capsys):
     _, code = ingested
     assert code == 1

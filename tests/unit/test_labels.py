@@ -56,6 +56,46 @@ def test_semicolon_errors_carry_code_and_line(line, code):
     assert info.value.located("x.txt").startswith("x.txt:4: ")
 
 
+@pytest.mark.parametrize(
+    "line",
+    [
+        "；a.jpg；10,20,30,40；灰渣",  # leading
+        "a.jpg;10,20,30,40;灰渣;",  # trailing
+        "a.jpg ; 10,20,30,40 ; 灰渣 ；； ",  # trailing, doubled, with blanks
+        ";; a.jpg;;10,20,30,40;;灰渣;;",  # doubled everywhere
+        " ; a.jpg ;\t; 10 20 30 40 ; ; 灰渣 ;",  # blank columns
+    ],
+)
+def test_semicolon_stray_delimiters_and_blank_columns_are_skipped(line):
+    (box,) = parse_semicolon(line + "\n")
+    assert (box.filename, box.xyxy, box.label) == ("a.jpg", (10, 20, 30, 40), "灰渣")
+
+
+def test_semicolon_without_filename_column_and_with_stray_delimiters():
+    (box,) = parse_semicolon(";10,20,30,40;灰渣;")
+    assert (box.filename, box.xyxy, box.label) == (None, (10, 20, 30, 40), "灰渣")
+    (box,) = parse_semicolon("0001;10,20,30,40;7")  # no stray delimiter: the columns keep their places
+    assert (box.filename, box.xyxy, box.label) == ("0001", (10, 20, 30, 40), "7")
+
+
+@pytest.mark.parametrize(
+    ("line", "code"),
+    [
+        (";;;", "bad_columns"),
+        ("a.jpg;10,20,30,40 灰渣", "bad_columns"),
+        ("a.jpg;10,20,30,40;;", "missing_type"),
+        ("a.jpg;;", "missing_type"),
+        ("；a.jpg；10,20,30,40 灰渣", "no_coordinates"),
+        ("a.jpg;;10,20,30;;灰渣;", "coords_not_multiple_of_4"),
+        ("a.jpg;10,20,30,40;灰渣;extra;", "bad_number"),
+    ],
+)
+def test_semicolon_lines_that_stay_unreadable_with_stray_delimiters(line, code):
+    with pytest.raises(LabelError) as info:
+        parse_semicolon(line)
+    assert info.value.code == code and info.value.line == 1
+
+
 def test_encodings():
     body = "a.jpg；1,2,3,4；灰渣\r\n"
     for encoding, name in [("utf-8", "utf-8"), ("utf-8-sig", "utf-8-sig"), ("gbk", "gb18030"), ("utf-16", "utf-16")]:
@@ -129,10 +169,17 @@ def test_format_detection_and_names():
 coordinate = st.integers(min_value=0, max_value=99999)
 box = st.tuples(coordinate, coordinate, coordinate, coordinate)
 label = st.sampled_from(["灰渣", "条纹", "过熔", "铺粉不完全", "slag", "streak defect"])
-column = st.sampled_from([";", "；", " ; ", "； ", " ；"])
+column = st.sampled_from([";", "；", " ; ", "； ", " ；", ";;", " ；  ； "])
+stray = st.sampled_from(["", ";", "；", " ; ", ";；", "；；； "])
 inner = st.sampled_from(["；", ";", "，", ",", " ", "  ", "\t", " , ", "； "])
 line_group = st.tuples(
-    st.lists(box, min_size=1, max_size=4), label, column, column, st.lists(inner, min_size=16, max_size=16)
+    st.lists(box, min_size=1, max_size=4),
+    label,
+    column,
+    column,
+    st.lists(inner, min_size=16, max_size=16),
+    stray,
+    stray,
 )
 
 
@@ -145,10 +192,10 @@ line_group = st.tuples(
 )
 def test_property_boxes_round_trip(groups, encoding, newline, blank_lines):
     lines, expected = [], []
-    for boxes, raw, first, last, delims in groups:
+    for boxes, raw, first, last, delims, lead, trail in groups:
         numbers = [str(v) for b in boxes for v in b]
         field = numbers[0] + "".join(d + n for d, n in zip(delims, numbers[1:], strict=False))
-        lines.append(f"img.jpg{first}{field}{last}{raw}")
+        lines.append(f"{lead}img.jpg{first}{field}{last}{raw}{trail}")
         if blank_lines:
             lines.append("")
         expected += [(tuple(float(v) for v in b), raw) for b in boxes]

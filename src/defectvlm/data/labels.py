@@ -19,6 +19,7 @@ from typing import Literal
 
 LABEL_FORMATS = ("semicolon", "yolo", "labelstudio")
 COLUMN_DELIMITERS = ";；"
+_COLUMN_SPLIT = re.compile(f"[{COLUMN_DELIMITERS}]")
 # Inside the coordinate field, after NFKC folding (which turns '；' and '，' into ';' and ',').
 _COORD_SPLIT = re.compile(r"[\s;,、]+")
 _YOLO_LINE = re.compile(r"^\s*\d+(\s+[-+0-9.eE]+){4}\s*$")
@@ -105,19 +106,29 @@ def cxcywh_to_xyxy(cx: float, cy: float, w: float, h: float) -> tuple[float, flo
 
 
 def parse_semicolon(text: str, coord_format: str = "xyxy") -> list[RawBox]:
-    """`filename ; coords ; type` lines; several boxes per coords field, every 4 numbers one box."""
+    """`filename ; coords ; type` lines; several boxes per coords field, every 4 numbers one box.
+
+    Spreadsheets and labelling tools leave stray delimiters and blanks around columns
+    (`；a.jpg；…`, `…；灰渣；`, `a.jpg;;…`): empty columns are skipped. Where a line starts
+    (ends) with such a stray delimiter, the first (last) filled column is the filename (type)
+    only if it is not a run of numbers, since there it may as well be coordinates."""
     boxes = []
     for number, line in _content_lines(text):
-        positions = [i for i, ch in enumerate(line) if ch in COLUMN_DELIMITERS]
-        if len(positions) < 2:
+        columns = [c.strip() for c in _COLUMN_SPLIT.split(line)]
+        if len(columns) < 3:
             raise LabelError(
-                "bad_columns", f"expected 'filename ; coords ; type', found {len(positions)} delimiter(s)", number
+                "bad_columns", f"expected 'filename ; coords ; type', found {len(columns) - 1} delimiter(s)", number
             )
-        filename = line[: positions[0]].strip()
-        label = line[positions[-1] + 1 :].strip()
-        if not label:
+        filled = [c for c in columns if c]
+        if not filled:
+            raise LabelError("bad_columns", "the line holds only delimiters", number)
+        filename = filled.pop(0) if columns[0] else None
+        label = filled.pop() if filled else ""
+        if not label or (not columns[-1] and _is_numbers(label)):
             raise LabelError("missing_type", "the defect type column is empty", number)
-        values = parse_numbers(line[positions[0] + 1 : positions[-1]], number)
+        if filename is None and filled and not _is_numbers(filled[0]):
+            filename = filled.pop(0)
+        values = parse_numbers(";".join(filled), number)
         if len(values) % 4:
             raise LabelError(
                 "coords_not_multiple_of_4", f"{len(values)} numbers in the coordinate field (4 per box)", number
@@ -125,8 +136,13 @@ def parse_semicolon(text: str, coord_format: str = "xyxy") -> list[RawBox]:
         for i in range(0, len(values), 4):
             quad = tuple(values[i : i + 4])
             xyxy = cxcywh_to_xyxy(*quad) if coord_format == "cxcywh" else quad
-            boxes.append(RawBox(xyxy, label, number, filename or None))
+            boxes.append(RawBox(xyxy, label, number, filename))
     return boxes
+
+
+def _is_numbers(column: str) -> bool:
+    tokens = [t for t in _COORD_SPLIT.split(unicodedata.normalize("NFKC", column)) if t]
+    return bool(tokens) and all(_is_number(t) for t in tokens)
 
 
 def parse_yolo(text: str, class_names: list[str] | None) -> list[RawBox]:
