@@ -141,8 +141,10 @@ def cmd_regions(args: argparse.Namespace) -> int:
 def cmd_build_sft(args: argparse.Namespace) -> int:
     from defectvlm.data.sft import build_sft, export_sample, llamafactory_dataset_info, load_knowledge, load_templates
 
+    if args.format:  # the same validation as -S sft.format=...
+        args.set = [*(args.set or []), f"sft.format={args.format}"]
     params = _load(args)
-    fmt = args.format or params.sft.format
+    fmt = params.sft.format
     result = build_sft(
         read_splits(args.input, SPLITS), params.sft, load_templates(params.sft), load_knowledge(params.sft)
     )

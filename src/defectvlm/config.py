@@ -224,7 +224,11 @@ class SftParams:
         if self.crop_size < 28 or self.crop_size % 28:
             _fail("sft.crop_size", f"must be a positive multiple of 28, got {self.crop_size}")
         if self.region_encoding == "coords+crops" and self.format != "native":
-            _fail("sft.region_encoding", "coords+crops is written in the native format only")
+            _fail(
+                "sft.region_encoding",
+                f"coords+crops is written in the native format only; the {self.format} export carries the whole "
+                "image and the coordinates: set sft.region_encoding: coords (or -S sft.region_encoding=coords)",
+            )
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,20 @@ def prepare(tmp_path, raw, run: str, fmt: str = "native") -> dict[str, bytes]:
     assert run_cli("ingest", "--params", params, "--out", out / "01_ingested", "--quiet") == 0
     assert run_cli("split", "--params", params, "--in", out / "01_ingested", "--out", out / "02_split") == 0
     assert run_cli("regions", "--params", params, "--in", out / "02_split", "--out", out / "03_regions") == 0
+    encoding = [] if fmt == "native" else ["-S", "sft.region_encoding=coords"]  # exports carry no crops
     assert (
-        run_cli("build-sft", "--params", params, "--in", out / "03_regions", "--out", out / "04_sft", "--format", fmt)
+        run_cli(
+            "build-sft",
+            "--params",
+            params,
+            "--in",
+            out / "03_regions",
+            "--out",
+            out / "04_sft",
+            "--format",
+            fmt,
+            *encoding,
+        )
         == 0
     )
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}

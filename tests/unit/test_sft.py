@@ -14,6 +14,7 @@ from defectvlm.data.sft import (
     load_templates,
 )
 from defectvlm.errors import StepFailure
+from tests.conftest import run_cli, write_params
 
 CLASSES = ["slag", "streak", "over_melt", "incomplete_spreading"]
 
@@ -208,3 +209,12 @@ def test_coords_plus_crops_puts_each_region_crop_after_its_line():
     assert text.count("<regions>") == 1 and text.rstrip().endswith("</regions>")
     with pytest.raises(Exception, match="native"):
         SftParams(region_encoding="coords+crops", format="swift")
+
+
+@pytest.mark.parametrize("how", [("--format", "swift"), ("-S", "sft.format=swift"), ("--format", "llamafactory")])
+def test_build_sft_format_option_is_validated_like_the_parameter(tmp_path, capsys, how):
+    params = write_params(tmp_path / "params.yaml", {"sft": {"region_encoding": "coords+crops"}})
+    code = run_cli("build-sft", "--params", params, "--in", tmp_path / "regions", "--out", tmp_path / "out", *how)
+    err = capsys.readouterr().err
+    assert code == 2 and "sft.region_encoding" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
