@@ -62,6 +62,12 @@ class LabelParams:
     unknown_label: Literal["error", "other", "drop"] = param(
         "error", "A raw label missing from label_map: fail the run, map it to 'other', or drop the box."
     )
+    use_predictions: bool = param(
+        False, "Label Studio: use a task's model predictions as its labels when no human annotated it."
+    )
+    background_images: Literal["normal", "reject"] = param(
+        "normal", "Ultralytics layout: an image with an empty or missing label file is a normal image, or rejected."
+    )
 
     def __post_init__(self) -> None:
         for raw, canonical in self.label_map.items():
