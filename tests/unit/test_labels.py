@@ -15,6 +15,7 @@ from defectvlm.data.labels import (
     parse_labelstudio,
     parse_semicolon,
     parse_yolo,
+    strip_upload_prefix,
 )
 
 
@@ -151,6 +152,66 @@ def test_labelstudio_export():
     with pytest.raises(LabelError) as info:
         parse_labelstudio('[{"data": {"image": "a.jpg"}}, ')
     assert info.value.code == "bad_json"
+
+
+def test_labelstudio_json_min_and_prediction_only_tasks():
+    json_min = [
+        {
+            "image": "/data/upload/3/ab12cd34-img_1.jpg",
+            "id": 4,
+            "bbox": [
+                {
+                    "x": 10,
+                    "y": 20,
+                    "width": 30,
+                    "height": 40,
+                    "rectanglelabels": ["灰渣"],
+                    "original_width": 200,
+                    "original_height": 100,
+                }
+            ],
+        },
+        {"img": "s3://bucket/b/img_2.png", "id": 5},
+    ]
+    first, second = parse_labelstudio(json.dumps(json_min, ensure_ascii=False))
+    assert first.image_ref == "ab12cd34-img_1.jpg" and first.declared_size == (200, 100)
+    assert first.boxes[0].xyxy == pytest.approx((0.1, 0.2, 0.4, 0.6)) and first.boxes[0].label == "灰渣"
+    assert (second.image_ref, second.boxes) == ("img_2.png", ())
+
+    rectangle = {
+        "type": "rectanglelabels",
+        "value": {"x": 0, "y": 0, "width": 50, "height": 50, "rectanglelabels": ["a"]},
+    }
+    predicted = {"data": {"image": "p.jpg"}, "annotations": [], "predictions": [{"result": [rectangle]}]}
+    cancelled = {**predicted, "annotations": [{"was_cancelled": True, "result": [rectangle]}]}
+    annotated = {**predicted, "annotations": [{"result": []}]}
+    tasks = json.dumps([predicted, cancelled, annotated])
+    assert [(t.origin, len(t.boxes)) for t in parse_labelstudio(tasks)] == [
+        ("predictions_only", 0),
+        ("predictions_only", 0),
+        ("annotation", 0),  # a human looked and drew nothing: no fallback to the model
+    ]
+    assert [(t.origin, len(t.boxes)) for t in parse_labelstudio(tasks, use_predictions=True)] == [
+        ("prediction", 1),
+        ("prediction", 1),
+        ("annotation", 0),
+    ]
+    with pytest.raises(LabelError) as info:
+        parse_labelstudio('[{"id": 1, "text": "no image here"}]')
+    assert info.value.code == "bad_task"
+
+
+def test_upload_prefix_and_class_name_mappings():
+    assert strip_upload_prefix("3f2a9c1d-x.jpg") == "x.jpg"
+    assert (
+        strip_upload_prefix("batch-01.jpg") == "batch-01.jpg"
+        and strip_upload_prefix("3f2a9c1dx.jpg") == "3f2a9c1dx.jpg"
+    )
+    shuffled = [10, 2, 0, 1, 9, 3, 8, 4, 7, 5, 6]
+    names = "names:\n" + "".join(f"  '{k}': c{k}\n" for k in shuffled)  # string keys sort 0, 1, 10, 2…
+    assert parse_class_names(names, is_yaml=True) == [f"c{k}" for k in range(11)]
+    with pytest.raises(LabelError):
+        parse_class_names("names: {0: a, 2: c}", is_yaml=True)
 
 
 def test_format_detection_and_names():

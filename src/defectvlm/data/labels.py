@@ -179,9 +179,12 @@ def parse_class_names(text: str, is_yaml: bool) -> list[str]:
     names = (yaml.safe_load(text) or {}).get("names")
     if isinstance(names, dict):
         try:
-            return [str(names[k]) for k in sorted(names, key=int)]
+            by_number = {int(k): str(v) for k, v in names.items()}
         except (TypeError, ValueError):
-            raise LabelError("no_class_names", "data.yaml 'names' mapping needs class numbers as keys") from None
+            by_number = {}
+        if sorted(by_number) != list(range(len(names))):
+            raise LabelError("no_class_names", "data.yaml 'names' mapping needs the keys 0..n-1 (class numbers)")
+        return [by_number[k] for k in range(len(names))]
     if isinstance(names, list):
         return [str(n) for n in names]
     raise LabelError("no_class_names", "data.yaml has no 'names' list or mapping")
