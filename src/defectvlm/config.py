@@ -212,7 +212,10 @@ class SftParams:
     summary: bool = param(True, "Append a one-line natural-language summary after the per-region lines.")
     noise_ratio: float = param(0.05, "Train only: share of samples whose system hint makes a wrong claim.")
     balance: Literal["none", "oversample", "undersample"] = param("none", "Train only: balance defect classes.")
-    format: Literal["native", "swift", "llamafactory"] = param("native", "Output schema.")
+    format: Literal["native", "swift", "llamafactory", "yolo"] = param(
+        "native",
+        "Native files (always written) plus an export in <out>/<format>/: swift, llamafactory or yolo (Ultralytics).",
+    )
     region_encoding: Literal["coords", "coords+crops"] = param(
         "coords", "Regions as box coordinates only, or also each region's crop as an extra image after its line."
     )
@@ -229,7 +232,7 @@ class SftParams:
             _fail("sft.noise_ratio", f"must be within [0, 1], got {self.noise_ratio}")
         if self.crop_size < 28 or self.crop_size % 28:
             _fail("sft.crop_size", f"must be a positive multiple of 28, got {self.crop_size}")
-        if self.region_encoding == "coords+crops" and self.format != "native":
+        if self.region_encoding == "coords+crops" and self.format in ("swift", "llamafactory"):
             _fail(
                 "sft.region_encoding",
                 f"coords+crops is written in the native format only; the {self.format} export carries the whole "

@@ -72,6 +72,8 @@ def test_preparation_is_complete_leak_free_and_byte_identical(tmp_path, raw):
 @pytest.mark.parametrize("fmt", ["swift", "llamafactory"])
 def test_export_formats_write_their_files(tmp_path, raw, fmt):
     files = prepare(tmp_path, raw, fmt, fmt)
-    first = json.loads(files["04_sft/train.jsonl"].decode().splitlines()[0])
-    assert first["images"] and "<image>" in first["messages"][-2]["content"]
-    assert ("04_sft/dataset_info.json" in files) == (fmt == "llamafactory")
+    first = json.loads(files[f"04_sft/{fmt}/train.jsonl"].decode().splitlines()[0])
+    assert first["images"][0].startswith("images/") and "<image>" in first["messages"][-2]["content"]
+    assert f"04_sft/{fmt}/{first['images'][0]}" in files
+    assert (f"04_sft/{fmt}/dataset_info.json" in files) == (fmt == "llamafactory")
+    assert isinstance(json.loads(files["04_sft/train.jsonl"].decode().splitlines()[0])["messages"][1]["content"], list)

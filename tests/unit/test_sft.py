@@ -5,14 +5,8 @@ import jsonschema
 import pytest
 
 from defectvlm.config import SftParams
-from defectvlm.data.sft import (
-    IMAGE_TOKEN,
-    build_sft,
-    export_sample,
-    llamafactory_dataset_info,
-    load_knowledge,
-    load_templates,
-)
+from defectvlm.data.exports import IMAGE_TOKEN, export_sample, llamafactory_dataset_info
+from defectvlm.data.sft import build_sft, load_knowledge, load_templates
 from defectvlm.errors import StepFailure
 from tests.conftest import run_cli, write_params
 
@@ -184,10 +178,10 @@ DATASET_INFO_SCHEMA = {
 @pytest.mark.parametrize(("fmt", "schema"), [("swift", SWIFT_SCHEMA), ("llamafactory", LLAMAFACTORY_SCHEMA)])
 def test_exports_validate_against_the_documented_schemas(fmt, schema):
     for sample in build(SftParams()).splits["train"]:
-        exported = export_sample(sample, fmt)
+        exported = export_sample(sample, fmt, "images/0123.png")
         jsonschema.validate(exported, schema)
         text = "".join(m["content"] for m in exported["messages"])
-        assert text.count(IMAGE_TOKEN) == len(exported["images"]) == 1
+        assert text.count(IMAGE_TOKEN) == len(exported["images"]) == 1 and exported["images"] == ["images/0123.png"]
         roles = [m["role"] for m in exported["messages"]]
         assert roles[-2:] == ["user", "assistant"]
         assert exported["messages"][-1]["content"] == sample["messages"][2]["content"]
