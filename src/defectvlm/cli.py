@@ -139,9 +139,8 @@ def cmd_regions(args: argparse.Namespace) -> int:
 
 
 def cmd_build_sft(args: argparse.Namespace) -> int:
-    from defectvlm.data.exports import export_vlm
+    from defectvlm.data.exports import write_export
     from defectvlm.data.sft import build_sft, load_knowledge, load_templates
-    from defectvlm.data.yolo_export import export_yolo
 
     if args.format:  # the same validation as -S sft.format=...
         args.set = [*(args.set or []), f"sft.format={args.format}"]
@@ -152,16 +151,13 @@ def cmd_build_sft(args: argparse.Namespace) -> int:
     out = Path(args.out)
     write_splits(out, result.splits)  # native, always: training and evaluation read these
     summary = {"format": fmt, **result.summary}
-    if fmt in ("swift", "llamafactory"):
-        summary["export"] = export_vlm(result.splits, regions, fmt, params.model, out / fmt)
-    elif fmt == "yolo":
-        summary["export"] = export_yolo(regions, result.summary["classes"], out / fmt)
+    if fmt != "native":
+        summary["export"] = write_export(fmt, result, regions, params.model, out / fmt)
     write_json_atomic(out / "sft_summary.json", summary)
     for name, counts in result.summary["splits"].items():
         console.print(f"{name}: {counts['samples']} samples, tasks {counts['tasks']}, noised {counts['noised']}")
     if "export" in summary:
-        console.print(f"{fmt} export in {out / fmt}; train with:", highlight=False)
-        sys.stdout.write(summary["export"]["command"] + "\n")
+        console.print(f"{fmt} export in {out / fmt}; train with:\n{summary['export']['command']}", highlight=False)
     return 0
 
 
@@ -333,16 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in", dest="input", default="data/02_split", help="folder with the split files")
     p.add_argument("--out", default="data/03_regions", help="output folder (default: data/03_regions)")
 
-    p = step(
-        "build-sft",
-        cmd_build_sft,
-        "regions -> SFT conversations (native files, plus an ms-swift, LLaMA-Factory or Ultralytics export).",
-    )
+    p = step("build-sft", cmd_build_sft, "regions -> SFT conversations (native; ms-swift/LLaMA-Factory/YOLO export).")
     p.add_argument("--in", dest="input", default="data/03_regions", help="folder with the region files")
     p.add_argument("--out", default="data/04_sft", help="output folder (default: data/04_sft)")
-    p.add_argument(
-        "--format", choices=("native", "swift", "llamafactory", "yolo"), help="overrides sft.format (same checks)"
-    )
+    p.add_argument("--format", choices=("native", "swift", "llamafactory", "yolo"), help="sets sft.format")
 
     p = step(
         "train",

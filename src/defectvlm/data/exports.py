@@ -20,6 +20,8 @@ from PIL import Image
 
 from defectvlm.config import SPLITS, ModelParams
 from defectvlm.data.images import load_upright, png_bytes
+from defectvlm.data.sft import SftResult
+from defectvlm.data.yolo_export import export_yolo
 from defectvlm.errors import StepFailure
 from defectvlm.io import write_bytes_atomic, write_json_atomic, write_splits
 from defectvlm.models.families import Family, get_family
@@ -91,6 +93,13 @@ def model_input_image(path: str, size: tuple[int, int], family: Family, model: M
         )
     width, height = family.resized(*image.size, model.min_pixels, model.max_pixels)
     return image.resize((width, height), Image.Resampling.BICUBIC)
+
+
+def write_export(fmt: str, result: SftResult, regions: dict[str, list[dict]], model: ModelParams, folder: Path) -> dict:
+    """Write the `fmt` export of the SFT result into `folder`; returns its summary."""
+    if fmt == "yolo":
+        return export_yolo(regions, result.summary["classes"], folder)
+    return export_vlm(result.splits, regions, fmt, model, folder)
 
 
 def export_vlm(
