@@ -139,20 +139,25 @@ def cmd_regions(args: argparse.Namespace) -> int:
 
 
 def cmd_build_sft(args: argparse.Namespace) -> int:
-    from defectvlm.data.sft import build_sft, export_sample, llamafactory_dataset_info, load_knowledge, load_templates
+    from defectvlm.data.exports import write_export
+    from defectvlm.data.sft import build_sft, load_knowledge, load_templates
 
+    if args.format:  # the same validation as -S sft.format=...
+        args.set = [*(args.set or []), f"sft.format={args.format}"]
     params = _load(args)
-    fmt = args.format or params.sft.format
-    result = build_sft(
-        read_splits(args.input, SPLITS), params.sft, load_templates(params.sft), load_knowledge(params.sft)
-    )
+    fmt = params.sft.format
+    regions = read_splits(args.input, SPLITS)
+    result = build_sft(regions, params.sft, load_templates(params.sft), load_knowledge(params.sft))
     out = Path(args.out)
-    write_splits(out, {name: (export_sample(s, fmt) for s in samples) for name, samples in result.splits.items()})
-    if fmt == "llamafactory":
-        write_json_atomic(out / "dataset_info.json", llamafactory_dataset_info())
-    write_json_atomic(out / "sft_summary.json", {"format": fmt, **result.summary})
+    write_splits(out, result.splits)  # native, always: training and evaluation read these
+    summary = {"format": fmt, **result.summary}
+    if fmt != "native":
+        summary["export"] = write_export(fmt, result, regions, params.model, out / fmt)
+    write_json_atomic(out / "sft_summary.json", summary)
     for name, counts in result.summary["splits"].items():
         console.print(f"{name}: {counts['samples']} samples, tasks {counts['tasks']}, noised {counts['noised']}")
+    if "export" in summary:
+        console.print(f"{fmt} export in {out / fmt}; train with:\n{summary['export']['command']}", highlight=False)
     return 0
 
 
@@ -324,10 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in", dest="input", default="data/02_split", help="folder with the split files")
     p.add_argument("--out", default="data/03_regions", help="output folder (default: data/03_regions)")
 
-    p = step("build-sft", cmd_build_sft, "regions -> SFT conversations (native, ms-swift or LLaMA-Factory files).")
+    p = step("build-sft", cmd_build_sft, "regions -> SFT conversations (native; ms-swift/LLaMA-Factory/YOLO export).")
     p.add_argument("--in", dest="input", default="data/03_regions", help="folder with the region files")
     p.add_argument("--out", default="data/04_sft", help="output folder (default: data/04_sft)")
-    p.add_argument("--format", choices=("native", "swift", "llamafactory"), help="overrides sft.format")
+    p.add_argument("--format", choices=("native", "swift", "llamafactory", "yolo"), help="sets sft.format")
 
     p = step(
         "train",

@@ -62,6 +62,12 @@ class LabelParams:
     unknown_label: Literal["error", "other", "drop"] = param(
         "error", "A raw label missing from label_map: fail the run, map it to 'other', or drop the box."
     )
+    use_predictions: bool = param(
+        False, "Label Studio: use a task's model predictions as its labels when no human annotated it."
+    )
+    background_images: Literal["normal", "reject"] = param(
+        "normal", "Ultralytics layout: an image with an empty or missing label file is a normal image, or rejected."
+    )
 
     def __post_init__(self) -> None:
         for raw, canonical in self.label_map.items():
@@ -206,7 +212,10 @@ class SftParams:
     summary: bool = param(True, "Append a one-line natural-language summary after the per-region lines.")
     noise_ratio: float = param(0.05, "Train only: share of samples whose system hint makes a wrong claim.")
     balance: Literal["none", "oversample", "undersample"] = param("none", "Train only: balance defect classes.")
-    format: Literal["native", "swift", "llamafactory"] = param("native", "Output schema.")
+    format: Literal["native", "swift", "llamafactory", "yolo"] = param(
+        "native",
+        "Native files (always written) plus an export in <out>/<format>/: swift, llamafactory or yolo (Ultralytics).",
+    )
     region_encoding: Literal["coords", "coords+crops"] = param(
         "coords", "Regions as box coordinates only, or also each region's crop as an extra image after its line."
     )
@@ -223,8 +232,12 @@ class SftParams:
             _fail("sft.noise_ratio", f"must be within [0, 1], got {self.noise_ratio}")
         if self.crop_size < 28 or self.crop_size % 28:
             _fail("sft.crop_size", f"must be a positive multiple of 28, got {self.crop_size}")
-        if self.region_encoding == "coords+crops" and self.format != "native":
-            _fail("sft.region_encoding", "coords+crops is written in the native format only")
+        if self.region_encoding == "coords+crops" and self.format in ("swift", "llamafactory"):
+            _fail(
+                "sft.region_encoding",
+                f"coords+crops is written in the native format only; the {self.format} export carries the whole "
+                "image and the coordinates: set sft.region_encoding: coords (or -S sft.region_encoding=coords)",
+            )
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,51 @@ def test_boxes_land_in_the_displayed_frame(ingested):
     assert manifest["normal/b1/n_ok.jpg"]["boxes"] == [] and manifest["normal/b1/n_ok.jpg"]["group"] == "b1"
 
 
+def test_stray_delimiters_give_the_same_boxes_as_a_clean_line(ingested):
+    root, _ = ingested
+    manifest = {r["id"]: r for r in read_jsonl(root / "out" / "manifest.jsonl")}
+    expected = {"stray_lead": "灰渣", "stray_trail": "灰渣", "stray_double": "条纹", "stray_blank": "过熔"}
+    for name, raw in expected.items():
+        (box,) = manifest[f"abnormal/ok/{name}.jpg"]["boxes"]
+        assert box["xyxy"] == [10, 10, 50, 50] and box["raw"] == raw
+
+
+def test_layouts_of_other_tools_give_their_boxes(ingested):
+    root, _ = ingested
+    manifest = {r["id"]: r for r in read_jsonl(root / "out" / "manifest.jsonl")}
+    ultralytics = manifest["abnormal/ultra/images/train/u1.jpg"]
+    assert ultralytics["boxes"] == [{"xyxy": [36.0, 24.0, 60.0, 40.0], "cls": "streak", "raw": "条纹"}]
+    for background in ("abnormal/ultra/images/train/u_bg.jpg", "abnormal/ultra/images/val/u_empty.jpg"):
+        assert (manifest[background]["label"], manifest[background]["boxes"]) == ("normal", [])
+    assert manifest["abnormal/lsyolo/images/y1.jpg"]["boxes"][0]["raw"] == "灰渣"  # classes.txt: 条纹, 灰渣
+    assert manifest["abnormal/lsyolo/pre/prefixed.jpg"]["boxes"][0]["xyxy"] == [10, 10, 50, 50]
+    (box,) = manifest["abnormal/lsmin/m1.jpg"]["boxes"]
+    assert box["xyxy"] == pytest.approx([9.6, 6.4, 57.6, 38.4]) and box["raw"] == "条纹"
+
+
+def test_prediction_only_tasks_say_so_and_can_be_accepted(ingested, tmp_path):
+    root, _ = ingested
+    report = read_json(root / "out" / "ingest_report.json")
+    (entry,) = [f for f in report["files"] if f["path"].endswith("lspred/p1.jpg")]
+    assert entry["reasons"] == ["predictions_only"]
+    assert "no human annotation" in entry["messages"][0] and "labels.use_predictions: true" in entry["messages"][0]
+
+    overrides = json.loads(json.dumps(CORPUS_PARAMS))
+    overrides["data"] = {"abnormal_root": str(root / "abnormal_root"), "normal_root": str(root / "normal_root")}
+    overrides["labels"]["use_predictions"] = True
+    overrides["labels"]["background_images"] = "reject"
+    run_cli("ingest", "--params", write_params(tmp_path / "p.yaml", overrides), "--out", tmp_path, "--quiet")
+    statuses = {
+        Path(f["path"]).name: (f["status"], f["reasons"]) for f in read_json(tmp_path / "ingest_report.json")["files"]
+    }
+    assert statuses["p1.jpg"] == ("accepted", ["labels_from_predictions"])
+    assert statuses["u_bg.jpg"] == statuses["u_empty.jpg"] == ("rejected", ["background_image"])
+    manifest = {r["id"]: r for r in read_jsonl(tmp_path / "manifest.jsonl")}
+    assert manifest["abnormal/lspred/p1.jpg"]["boxes"][0]["xyxy"] == pytest.approx([9.6, 6.4, 48.0, 32.0])
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    assert all(f"`{code}`" in readme for code in ("labels_from_predictions", "background_image", "bad_task"))
+
+
 def test_unknown_label_fails_the_run_with_a_message(ingested, capsys):
     _, code = ingested
     assert code == 1

@@ -20,8 +20,20 @@ def prepare(tmp_path, raw, run: str, fmt: str = "native") -> dict[str, bytes]:
     assert run_cli("ingest", "--params", params, "--out", out / "01_ingested", "--quiet") == 0
     assert run_cli("split", "--params", params, "--in", out / "01_ingested", "--out", out / "02_split") == 0
     assert run_cli("regions", "--params", params, "--in", out / "02_split", "--out", out / "03_regions") == 0
+    encoding = [] if fmt == "native" else ["-S", "sft.region_encoding=coords"]  # exports carry no crops
     assert (
-        run_cli("build-sft", "--params", params, "--in", out / "03_regions", "--out", out / "04_sft", "--format", fmt)
+        run_cli(
+            "build-sft",
+            "--params",
+            params,
+            "--in",
+            out / "03_regions",
+            "--out",
+            out / "04_sft",
+            "--format",
+            fmt,
+            *encoding,
+        )
         == 0
     )
     return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
@@ -60,6 +72,8 @@ def test_preparation_is_complete_leak_free_and_byte_identical(tmp_path, raw):
 @pytest.mark.parametrize("fmt", ["swift", "llamafactory"])
 def test_export_formats_write_their_files(tmp_path, raw, fmt):
     files = prepare(tmp_path, raw, fmt, fmt)
-    first = json.loads(files["04_sft/train.jsonl"].decode().splitlines()[0])
-    assert first["images"] and "<image>" in first["messages"][-2]["content"]
-    assert ("04_sft/dataset_info.json" in files) == (fmt == "llamafactory")
+    first = json.loads(files[f"04_sft/{fmt}/train.jsonl"].decode().splitlines()[0])
+    assert first["images"][0].startswith("images/") and "<image>" in first["messages"][-2]["content"]
+    assert f"04_sft/{fmt}/{first['images'][0]}" in files
+    assert (f"04_sft/{fmt}/dataset_info.json" in files) == (fmt == "llamafactory")
+    assert isinstance(json.loads(files["04_sft/train.jsonl"].decode().splitlines()[0])["messages"][1]["content"], list)

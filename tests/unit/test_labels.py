@@ -15,6 +15,7 @@ from defectvlm.data.labels import (
     parse_labelstudio,
     parse_semicolon,
     parse_yolo,
+    strip_upload_prefix,
 )
 
 
@@ -54,6 +55,46 @@ def test_semicolon_errors_carry_code_and_line(line, code):
         parse_semicolon(f"# header\n\nok.jpg;1,2,3,4;slag\n{line}\n")
     assert info.value.code == code and info.value.line == 4
     assert info.value.located("x.txt").startswith("x.txt:4: ")
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "；a.jpg；10,20,30,40；灰渣",  # leading
+        "a.jpg;10,20,30,40;灰渣;",  # trailing
+        "a.jpg ; 10,20,30,40 ; 灰渣 ；； ",  # trailing, doubled, with blanks
+        ";; a.jpg;;10,20,30,40;;灰渣;;",  # doubled everywhere
+        " ; a.jpg ;\t; 10 20 30 40 ; ; 灰渣 ;",  # blank columns
+    ],
+)
+def test_semicolon_stray_delimiters_and_blank_columns_are_skipped(line):
+    (box,) = parse_semicolon(line + "\n")
+    assert (box.filename, box.xyxy, box.label) == ("a.jpg", (10, 20, 30, 40), "灰渣")
+
+
+def test_semicolon_without_filename_column_and_with_stray_delimiters():
+    (box,) = parse_semicolon(";10,20,30,40;灰渣;")
+    assert (box.filename, box.xyxy, box.label) == (None, (10, 20, 30, 40), "灰渣")
+    (box,) = parse_semicolon("0001;10,20,30,40;7")  # no stray delimiter: the columns keep their places
+    assert (box.filename, box.xyxy, box.label) == ("0001", (10, 20, 30, 40), "7")
+
+
+@pytest.mark.parametrize(
+    ("line", "code"),
+    [
+        (";;;", "bad_columns"),
+        ("a.jpg;10,20,30,40 灰渣", "bad_columns"),
+        ("a.jpg;10,20,30,40;;", "missing_type"),
+        ("a.jpg;;", "missing_type"),
+        ("；a.jpg；10,20,30,40 灰渣", "no_coordinates"),
+        ("a.jpg;;10,20,30;;灰渣;", "coords_not_multiple_of_4"),
+        ("a.jpg;10,20,30,40;灰渣;extra;", "bad_number"),
+    ],
+)
+def test_semicolon_lines_that_stay_unreadable_with_stray_delimiters(line, code):
+    with pytest.raises(LabelError) as info:
+        parse_semicolon(line)
+    assert info.value.code == code and info.value.line == 1
 
 
 def test_encodings():
@@ -113,6 +154,66 @@ def test_labelstudio_export():
     assert info.value.code == "bad_json"
 
 
+def test_labelstudio_json_min_and_prediction_only_tasks():
+    json_min = [
+        {
+            "image": "/data/upload/3/ab12cd34-img_1.jpg",
+            "id": 4,
+            "bbox": [
+                {
+                    "x": 10,
+                    "y": 20,
+                    "width": 30,
+                    "height": 40,
+                    "rectanglelabels": ["灰渣"],
+                    "original_width": 200,
+                    "original_height": 100,
+                }
+            ],
+        },
+        {"img": "s3://bucket/b/img_2.png", "id": 5},
+    ]
+    first, second = parse_labelstudio(json.dumps(json_min, ensure_ascii=False))
+    assert first.image_ref == "ab12cd34-img_1.jpg" and first.declared_size == (200, 100)
+    assert first.boxes[0].xyxy == pytest.approx((0.1, 0.2, 0.4, 0.6)) and first.boxes[0].label == "灰渣"
+    assert (second.image_ref, second.boxes) == ("img_2.png", ())
+
+    rectangle = {
+        "type": "rectanglelabels",
+        "value": {"x": 0, "y": 0, "width": 50, "height": 50, "rectanglelabels": ["a"]},
+    }
+    predicted = {"data": {"image": "p.jpg"}, "annotations": [], "predictions": [{"result": [rectangle]}]}
+    cancelled = {**predicted, "annotations": [{"was_cancelled": True, "result": [rectangle]}]}
+    annotated = {**predicted, "annotations": [{"result": []}]}
+    tasks = json.dumps([predicted, cancelled, annotated])
+    assert [(t.origin, len(t.boxes)) for t in parse_labelstudio(tasks)] == [
+        ("predictions_only", 0),
+        ("predictions_only", 0),
+        ("annotation", 0),  # a human looked and drew nothing: no fallback to the model
+    ]
+    assert [(t.origin, len(t.boxes)) for t in parse_labelstudio(tasks, use_predictions=True)] == [
+        ("prediction", 1),
+        ("prediction", 1),
+        ("annotation", 0),
+    ]
+    with pytest.raises(LabelError) as info:
+        parse_labelstudio('[{"id": 1, "text": "no image here"}]')
+    assert info.value.code == "bad_task"
+
+
+def test_upload_prefix_and_class_name_mappings():
+    assert strip_upload_prefix("3f2a9c1d-x.jpg") == "x.jpg"
+    assert (
+        strip_upload_prefix("batch-01.jpg") == "batch-01.jpg"
+        and strip_upload_prefix("3f2a9c1dx.jpg") == "3f2a9c1dx.jpg"
+    )
+    shuffled = [10, 2, 0, 1, 9, 3, 8, 4, 7, 5, 6]
+    names = "names:\n" + "".join(f"  '{k}': c{k}\n" for k in shuffled)  # string keys sort 0, 1, 10, 2…
+    assert parse_class_names(names, is_yaml=True) == [f"c{k}" for k in range(11)]
+    with pytest.raises(LabelError):
+        parse_class_names("names: {0: a, 2: c}", is_yaml=True)
+
+
 def test_format_detection_and_names():
     assert detect_format("\n# c\na.jpg;1,2,3,4;x") == "semicolon"
     assert detect_format("0 0.5 0.5 0.1 0.1") == "yolo"
@@ -129,10 +230,17 @@ def test_format_detection_and_names():
 coordinate = st.integers(min_value=0, max_value=99999)
 box = st.tuples(coordinate, coordinate, coordinate, coordinate)
 label = st.sampled_from(["灰渣", "条纹", "过熔", "铺粉不完全", "slag", "streak defect"])
-column = st.sampled_from([";", "；", " ; ", "； ", " ；"])
+column = st.sampled_from([";", "；", " ; ", "； ", " ；", ";;", " ；  ； "])
+stray = st.sampled_from(["", ";", "；", " ; ", ";；", "；；； "])
 inner = st.sampled_from(["；", ";", "，", ",", " ", "  ", "\t", " , ", "； "])
 line_group = st.tuples(
-    st.lists(box, min_size=1, max_size=4), label, column, column, st.lists(inner, min_size=16, max_size=16)
+    st.lists(box, min_size=1, max_size=4),
+    label,
+    column,
+    column,
+    st.lists(inner, min_size=16, max_size=16),
+    stray,
+    stray,
 )
 
 
@@ -145,10 +253,10 @@ line_group = st.tuples(
 )
 def test_property_boxes_round_trip(groups, encoding, newline, blank_lines):
     lines, expected = [], []
-    for boxes, raw, first, last, delims in groups:
+    for boxes, raw, first, last, delims, lead, trail in groups:
         numbers = [str(v) for b in boxes for v in b]
         field = numbers[0] + "".join(d + n for d, n in zip(delims, numbers[1:], strict=False))
-        lines.append(f"img.jpg{first}{field}{last}{raw}")
+        lines.append(f"{lead}img.jpg{first}{field}{last}{raw}{trail}")
         if blank_lines:
             lines.append("")
         expected += [(tuple(float(v) for v in b), raw) for b in boxes]

@@ -5,15 +5,10 @@ import jsonschema
 import pytest
 
 from defectvlm.config import SftParams
-from defectvlm.data.sft import (
-    IMAGE_TOKEN,
-    build_sft,
-    export_sample,
-    llamafactory_dataset_info,
-    load_knowledge,
-    load_templates,
-)
+from defectvlm.data.exports import IMAGE_TOKEN, export_sample, llamafactory_dataset_info
+from defectvlm.data.sft import build_sft, load_knowledge, load_templates
 from defectvlm.errors import StepFailure
+from tests.conftest import run_cli, write_params
 
 CLASSES = ["slag", "streak", "over_melt", "incomplete_spreading"]
 
@@ -183,10 +178,10 @@ DATASET_INFO_SCHEMA = {
 @pytest.mark.parametrize(("fmt", "schema"), [("swift", SWIFT_SCHEMA), ("llamafactory", LLAMAFACTORY_SCHEMA)])
 def test_exports_validate_against_the_documented_schemas(fmt, schema):
     for sample in build(SftParams()).splits["train"]:
-        exported = export_sample(sample, fmt)
+        exported = export_sample(sample, fmt, "images/0123.png")
         jsonschema.validate(exported, schema)
         text = "".join(m["content"] for m in exported["messages"])
-        assert text.count(IMAGE_TOKEN) == len(exported["images"]) == 1
+        assert text.count(IMAGE_TOKEN) == len(exported["images"]) == 1 and exported["images"] == ["images/0123.png"]
         roles = [m["role"] for m in exported["messages"]]
         assert roles[-2:] == ["user", "assistant"]
         assert exported["messages"][-1]["content"] == sample["messages"][2]["content"]
@@ -208,3 +203,12 @@ def test_coords_plus_crops_puts_each_region_crop_after_its_line():
     assert text.count("<regions>") == 1 and text.rstrip().endswith("</regions>")
     with pytest.raises(Exception, match="native"):
         SftParams(region_encoding="coords+crops", format="swift")
+
+
+@pytest.mark.parametrize("how", [("--format", "swift"), ("-S", "sft.format=swift"), ("--format", "llamafactory")])
+def test_build_sft_format_option_is_validated_like_the_parameter(tmp_path, capsys, how):
+    params = write_params(tmp_path / "params.yaml", {"sft": {"region_encoding": "coords+crops"}})
+    code = run_cli("build-sft", "--params", params, "--in", tmp_path / "regions", "--out", tmp_path / "out", *how)
+    err = capsys.readouterr().err
+    assert code == 2 and "sft.region_encoding" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 import blake3
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 EXIF_ORIENTATION_TAG = 0x0112
 _SWAPS_AXES = {5, 6, 7, 8}
@@ -105,3 +105,16 @@ def _map_point(x: float, y: float, orientation: int, w: int, h: int) -> tuple[fl
         7: (h - y, w - x),
         8: (y, w - x),
     }[orientation]
+
+
+def load_upright(path: str) -> Image.Image:
+    """RGB pixels with the EXIF orientation applied: the displayed frame boxes are written in."""
+    with Image.open(path) as image:
+        return ImageOps.exif_transpose(image).convert("RGB")
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """Lossless, metadata-free PNG (no EXIF, so no reader can rotate it again); deterministic."""
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", optimize=False, compress_level=6)
+    return buffer.getvalue()

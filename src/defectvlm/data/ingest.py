@@ -14,72 +14,26 @@ import posixpath
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from itertools import repeat
-from pathlib import Path, PurePosixPath
-from typing import Literal
+from pathlib import Path
 
 from tqdm import tqdm
 
 from defectvlm.config import Params
-from defectvlm.data.images import ImageProbe, probe_image, stored_to_display
-from defectvlm.data.labels import (
-    LabelError,
-    Labels,
-    decode_text,
-    escapes_root,
-    image_name,
-    parse_class_names,
-    parse_label_text,
-    parse_labelstudio,
-)
+from defectvlm.data.found import FoundFile, Kind, Outcome
+from defectvlm.data.images import ImageProbe, probe_image
+from defectvlm.data.pairing import CLASS_NAME_FILES, attach_labels, in_labelled_tree, labelled_trees
+from defectvlm.data.records import image_record
 from defectvlm.errors import StepFailure
 
-Root = Literal["abnormal", "normal"]
-Status = Literal["accepted", "repaired", "rejected"]
-CLASS_NAME_FILES = {"classes.txt": False, "obj.names": False, "data.yaml": True, "data.yml": True}
 LABEL_SUFFIXES = {".txt", ".json"}
+# Files labelling and training tools write into a dataset: Ultralytics' label caches, the
+# notes of a Label Studio YOLO export. Counted, never read.
+TOOL_FILE_SUFFIXES = {".cache"}
+TOOL_FILE_NAMES = {"notes.json"}
 # Files are probed in-process below this count: a process pool costs more than it saves.
 _MIN_FILES_FOR_POOL = 64
-UNKNOWN_CLASS = "other"
-
-
-@dataclass(frozen=True)
-class FoundFile:
-    root: Root
-    rel: str  # POSIX path relative to its root
-    path: str  # the root as configured joined with rel
-    kind: Literal["image", "label", "class_names", "other"]
-    probe: ImageProbe | None = None  # images
-    data: bytes | None = None  # label and class-name files
-
-    @property
-    def id(self) -> str:
-        return f"{self.root}/{self.rel}"
-
-
-@dataclass
-class Outcome:
-    """What happened to one file; mutable while the manifest is assembled."""
-
-    status: Status = "accepted"
-    reasons: list[str] = field(default_factory=list)
-    messages: list[str] = field(default_factory=list)
-
-    def reject(self, reason: str, message: str | None = None) -> None:
-        self.status = "rejected"
-        self.note(reason, message)
-
-    def repair(self, reason: str, message: str | None = None) -> None:
-        if self.status == "accepted":
-            self.status = "repaired"
-        self.note(reason, message)
-
-    def note(self, reason: str, message: str | None = None) -> None:
-        if reason not in self.reasons:
-            self.reasons.append(reason)
-        if message and message not in self.messages:
-            self.messages.append(message)
 
 
 @dataclass(frozen=True)
@@ -101,17 +55,7 @@ def scan(params: Params, progress: bool = True) -> list[FoundFile]:
         if not Path(folder).is_dir():
             raise StepFailure(f"data.{root}_root: folder {folder!r} does not exist")
         for rel in _walk(folder):
-            name = posixpath.basename(rel)
-            suffix = posixpath.splitext(name)[1].lower()
-            if suffix in extensions:
-                kind = "image"
-            elif name.lower() in CLASS_NAME_FILES:
-                kind = "class_names"
-            elif suffix in LABEL_SUFFIXES:
-                kind = "label"
-            else:
-                kind = "other"
-            found.append(FoundFile(root, rel, os.path.join(folder, rel), kind))
+            found.append(FoundFile(root, rel, os.path.join(folder, rel), file_kind(rel, extensions)))
 
     images = [f for f in found if f.kind == "image"]
     texts: dict[str, bytes] = {}
@@ -124,6 +68,20 @@ def scan(params: Params, progress: bool = True) -> list[FoundFile]:
     probes = _probe_all([f.path for f in images], ingest.verify, ingest.workers, progress, while_waiting=read_texts)
     by_path = dict(zip((f.path for f in images), probes, strict=True))
     return [replace(f, probe=by_path.get(f.path), data=texts.get(f.path)) for f in found]
+
+
+def file_kind(rel: str, image_extensions: set[str]) -> Kind:
+    name = posixpath.basename(rel).lower()
+    suffix = posixpath.splitext(name)[1]
+    if suffix in image_extensions:
+        return "image"
+    if name in CLASS_NAME_FILES:
+        return "class_names"
+    if suffix in TOOL_FILE_SUFFIXES or name in TOOL_FILE_NAMES:
+        return "tool_file"
+    if suffix in LABEL_SUFFIXES:
+        return "label"
+    return "other"
 
 
 def _walk(folder: str) -> list[str]:
@@ -174,16 +132,20 @@ def build_manifest(files: list[FoundFile], params: Params) -> IngestResult:
     for f in files:
         if f.kind == "other":
             outcomes[f.path].reject("unsupported_file", f"{f.path}: not an image, label or class-name file")
+        if f.kind == "tool_file":
+            outcomes[f.path].reject("tool_file", f"{f.path}: written by a labelling or training tool, not read")
 
     _mark_duplicates(images, outcomes, params.ingest.duplicates)
     labels_of, label_sources = attach_labels(files, outcomes, params)
 
+    trees = labelled_trees(files)
     manifest, fatal, unknown = [], [], []
     for f in images:
         outcome = outcomes[f.path]
         if outcome.status == "rejected":
             continue
-        record = _image_record(f, labels_of.get(f.path), outcome, params, unknown)
+        background = f.root == "abnormal" and in_labelled_tree(f, trees)
+        record = image_record(f, labels_of.get(f.path), outcome, params, unknown, background)
         if record is not None and outcome.status != "rejected":
             manifest.append(record)
 
@@ -231,220 +193,6 @@ def _mark_duplicates(images: list[FoundFile], outcomes: dict[str, Outcome], poli
                 outcomes[c.path].reject("duplicate_content", message)
             else:
                 outcomes[c.path].note("duplicate_content", f"{c.path}: identical copies: {names}")
-
-
-def attach_labels(
-    files: list[FoundFile], outcomes: dict[str, Outcome], params: Params
-) -> tuple[dict[str, Labels | LabelError], dict[str, list[str]]]:
-    """Parse label files and pair them with images. Returns image path -> its labels (or the
-    error that makes them unusable), and image path -> the label files that describe it."""
-    fmt = params.labels.format
-    images = [f for f in files if f.kind == "image"]
-    by_stem: dict[tuple[Root, str], list[FoundFile]] = defaultdict(list)
-    by_name: dict[str, list[FoundFile]] = defaultdict(list)
-    for f in images:
-        by_stem[(f.root, _stem_key(f.rel))].append(f)
-        if f.root == "abnormal":
-            by_name[posixpath.basename(f.rel).lower()].append(f)
-
-    name_files = {(f.root, PurePosixPath(f.rel)): f for f in files if f.kind == "class_names"}
-    labels_of: dict[str, Labels | LabelError] = {}
-    sources: dict[str, list[str]] = defaultdict(list)
-
-    def pair(image: FoundFile, labels: Labels | LabelError, source: FoundFile) -> None:
-        sources[image.path].append(source.path)
-        if image.path in labels_of:
-            labels_of[image.path] = LabelError("multiple_labels", f"described by {', '.join(sources[image.path])}")
-        else:
-            labels_of[image.path] = labels
-
-    for f in files:
-        if f.kind != "label":
-            continue
-        outcome = outcomes[f.path]
-        suffix = posixpath.splitext(f.rel)[1].lower()
-        if suffix == ".json":
-            if f.root == "normal" or fmt not in ("auto", "labelstudio"):
-                outcome.reject(
-                    "unsupported_file", f"{f.path}: JSON is read only as a Label Studio export in abnormal_root"
-                )
-                continue
-            _attach_labelstudio(f, outcome, by_name, pair)
-            continue
-        if fmt == "labelstudio":
-            outcome.reject("unsupported_file", f"{f.path}: labels.format is labelstudio, .txt files are not read")
-            continue
-        matches = by_stem.get((f.root, _stem_key(f.rel)), [])
-        if not matches:
-            outcome.reject("orphan_label", f"{f.path}: no image with the same name beside it")
-            continue
-        if len(matches) > 1:
-            for image in matches:
-                pair(image, LabelError("ambiguous_label", f"{f.path} could describe several images"), f)
-            outcome.reject(
-                "ambiguous_label", f"{f.path}: several images share its name: {', '.join(m.path for m in matches)}"
-            )
-            continue
-        try:
-            labels = parse_label_text(
-                f.data, fmt, params.labels.coord_format, lambda f=f: _class_names_for(f, name_files, outcomes)
-            )
-        except LabelError as exc:
-            outcome.reject(exc.code, exc.located(f.path))
-            pair(matches[0], LabelError(exc.code, f"label {exc.located(f.path)}"), f)
-            continue
-        pair(matches[0], labels, f)
-    return labels_of, sources
-
-
-def _attach_labelstudio(f: FoundFile, outcome: Outcome, by_name, pair) -> None:
-    try:
-        text, _ = decode_text(f.data)
-        tasks = parse_labelstudio(text)
-    except LabelError as exc:
-        outcome.reject(exc.code, exc.located(f.path))
-        return
-    for task_number, labels in enumerate(tasks, start=1):
-        candidates = by_name.get(labels.image_ref.lower(), [])
-        if not candidates:
-            # Label Studio prefixes uploaded files with 8 hex characters and a dash.
-            stripped = labels.image_ref.split("-", 1)[-1].lower()
-            candidates = by_name.get(stripped, [])
-        if len(candidates) != 1:
-            problem = "orphan_task" if not candidates else "ambiguous_task"
-            outcome.repair(
-                problem, f"{f.path}: task #{task_number} names {labels.image_ref!r}, matching {len(candidates)} images"
-            )
-            continue
-        pair(candidates[0], labels, f)
-
-
-def _class_names_for(
-    label: FoundFile, name_files: dict[tuple[Root, PurePosixPath], FoundFile], outcomes: dict[str, Outcome]
-) -> list[str] | None:
-    """The nearest classes.txt / data.yaml at or above the label's folder, within its root."""
-    folder = PurePosixPath(label.rel).parent
-    for parent in (folder, *folder.parents):
-        for name, is_yaml in CLASS_NAME_FILES.items():
-            source = name_files.get((label.root, parent / name))
-            if source is None:
-                continue
-            try:
-                names = parse_class_names(decode_text(source.data)[0], is_yaml)
-            except LabelError as exc:
-                outcomes[source.path].reject(exc.code, exc.located(source.path))
-                raise LabelError(exc.code, f"class names in {source.path}: {exc}") from None
-            outcomes[source.path].note("class_names_used")
-            return names
-    return None
-
-
-def _stem(name: str) -> str:
-    return posixpath.splitext(posixpath.basename(name))[0].lower()
-
-
-def _stem_key(rel: str) -> str:
-    return posixpath.splitext(rel)[0].lower()
-
-
-def _image_record(
-    f: FoundFile, labels: Labels | LabelError | None, outcome: Outcome, params: Params, unknown: list
-) -> dict | None:
-    probe = f.probe
-    if probe.orientation != 1:
-        if params.ingest.exif_policy == "reject":
-            outcome.reject("exif_rotated", f"{f.path}: EXIF orientation {probe.orientation}")
-            return None
-        outcome.note("exif_rotated", f"{f.path}: EXIF orientation {probe.orientation}, used upright")
-    width, height = probe.display_size
-    record = {
-        "id": f.id,
-        "path": f.path,
-        "blake3": probe.blake3,
-        "bytes": probe.size_bytes,
-        "format": probe.format,
-        "width": width,
-        "height": height,
-        "orientation": probe.orientation,
-        "label": f.root,
-        "boxes": [],
-        "group": posixpath.dirname(f.rel) or ".",
-    }
-    if f.root == "normal":
-        if isinstance(labels, LabelError):
-            outcome.reject(labels.code, f"{f.path}: its label file is unusable")
-        elif labels is not None and labels.boxes:
-            outcome.reject("label_in_normal_root", f"{f.path}: a normal image has a label file with boxes")
-        return record
-    if labels is None:
-        outcome.reject("missing_label", f"{f.path}: abnormal image without a label file")
-        return None
-    if isinstance(labels, LabelError):
-        outcome.reject(labels.code, f"{f.path}: {labels}")
-        return None
-    record["boxes"] = _boxes(f, labels, outcome, params, unknown)
-    if outcome.status != "rejected" and not record["boxes"]:
-        outcome.reject("no_valid_boxes", f"{f.path}: abnormal image with no usable box")
-    return record
-
-
-def _boxes(f: FoundFile, labels: Labels, outcome: Outcome, params: Params, unknown: list) -> list[dict]:
-    probe = f.probe
-    width, height = probe.display_size
-    on_stored = params.ingest.exif_policy == "labels_on_stored" and probe.orientation != 1
-    frame_w, frame_h = probe.stored_size if on_stored else (width, height)
-    if labels.declared_size and labels.declared_size != (frame_w, frame_h):
-        outcome.reject(
-            "size_mismatch", f"{f.path}: labels made on a {labels.declared_size} image, file is {(frame_w, frame_h)}"
-        )
-        return []
-    stem = _stem(f.rel)
-    boxes = []
-    for box in labels.boxes:
-        where = f"{f.path} (label line {box.line})"
-        if box.filename is not None:
-            if escapes_root(box.filename):
-                outcome.reject("path_escape", f"{where}: filename {box.filename!r} leaves the root")
-                return []
-            if _stem(image_name(box.filename)) != stem:
-                outcome.reject("filename_mismatch", f"{where}: filename column {box.filename!r} names another image")
-                return []
-        canonical = params.labels.canonical(box.label)
-        if canonical is None:
-            policy = params.labels.unknown_label
-            if policy == "error":
-                unknown.append((box.label, where))
-                outcome.reject("unknown_label", f"{where}: raw label {box.label!r} not in label_map")
-                return []
-            if policy == "drop":
-                outcome.repair("unknown_label_dropped", f"{where}: box with unknown label {box.label!r} dropped")
-                continue
-            outcome.repair(
-                "unknown_label_as_other", f"{where}: unknown label {box.label!r} mapped to {UNKNOWN_CLASS!r}"
-            )
-            canonical = UNKNOWN_CLASS
-        x1, y1, x2, y2 = box.xyxy
-        if labels.frame == "unit":
-            x1, y1, x2, y2 = x1 * frame_w, y1 * frame_h, x2 * frame_w, y2 * frame_h
-        if x2 <= x1 or y2 <= y1:
-            outcome.reject("box_degenerate", f"{where}: box {list(box.xyxy)} has no area")
-            return []
-        if on_stored:
-            x1, y1, x2, y2 = stored_to_display((x1, y1, x2, y2), probe.orientation, probe.stored_size)
-            outcome.repair("exif_boxes_rotated", f"{f.path}: boxes moved from stored to displayed frame")
-        xyxy = [round(v, 2) for v in (x1, y1, x2, y2)]
-        limits = (float(width), float(height)) * 2
-        clipped = [min(max(v, 0.0), limit) for v, limit in zip(xyxy, limits, strict=True)]
-        if clipped[2] <= clipped[0] or clipped[3] <= clipped[1]:
-            outcome.reject("box_outside_image", f"{where}: box {xyxy} lies outside the {width}x{height} image")
-            return []
-        if clipped != xyxy:
-            outcome.repair("box_clipped", f"{where}: box {xyxy} clipped to {clipped}")
-        if min(clipped[2] - clipped[0], clipped[3] - clipped[1]) < params.ingest.min_box_size:
-            outcome.repair("box_too_small", f"{where}: box {clipped} smaller than min_box_size, dropped")
-            continue
-        boxes.append({"xyxy": clipped, "cls": canonical, "raw": box.label})
-    return boxes
 
 
 def _settle_label_files(

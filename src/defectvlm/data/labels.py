@@ -19,11 +19,14 @@ from typing import Literal
 
 LABEL_FORMATS = ("semicolon", "yolo", "labelstudio")
 COLUMN_DELIMITERS = ";；"
+_COLUMN_SPLIT = re.compile(f"[{COLUMN_DELIMITERS}]")
 # Inside the coordinate field, after NFKC folding (which turns '；' and '，' into ';' and ',').
 _COORD_SPLIT = re.compile(r"[\s;,、]+")
 _YOLO_LINE = re.compile(r"^\s*\d+(\s+[-+0-9.eE]+){4}\s*$")
 # A YOLO value this far above 1 is a pixel coordinate written into a normalised format.
 _YOLO_MAX_VALUE = 1.5
+_UPLOAD_PREFIX = re.compile(r"^[0-9a-fA-F]{8}-")
+_IMAGE_SUFFIX = re.compile(r"\.(jpe?g|png|bmp|tiff?|webp)([?#].*)?$", re.IGNORECASE)
 
 
 class LabelError(ValueError):
@@ -55,6 +58,7 @@ class Labels:
     boxes: tuple[RawBox, ...]
     image_ref: str | None = None  # Label Studio: the image the task names
     declared_size: tuple[int, int] | None = None  # Label Studio: original width, height
+    origin: Literal["annotation", "prediction", "predictions_only"] = "annotation"  # Label Studio
 
 
 def decode_text(data: bytes) -> tuple[str, str]:
@@ -105,19 +109,29 @@ def cxcywh_to_xyxy(cx: float, cy: float, w: float, h: float) -> tuple[float, flo
 
 
 def parse_semicolon(text: str, coord_format: str = "xyxy") -> list[RawBox]:
-    """`filename ; coords ; type` lines; several boxes per coords field, every 4 numbers one box."""
+    """`filename ; coords ; type` lines; several boxes per coords field, every 4 numbers one box.
+
+    Spreadsheets and labelling tools leave stray delimiters and blanks around columns
+    (`；a.jpg；…`, `…；灰渣；`, `a.jpg;;…`): empty columns are skipped. Where a line starts
+    (ends) with such a stray delimiter, the first (last) filled column is the filename (type)
+    only if it is not a run of numbers, since there it may as well be coordinates."""
     boxes = []
     for number, line in _content_lines(text):
-        positions = [i for i, ch in enumerate(line) if ch in COLUMN_DELIMITERS]
-        if len(positions) < 2:
+        columns = [c.strip() for c in _COLUMN_SPLIT.split(line)]
+        if len(columns) < 3:
             raise LabelError(
-                "bad_columns", f"expected 'filename ; coords ; type', found {len(positions)} delimiter(s)", number
+                "bad_columns", f"expected 'filename ; coords ; type', found {len(columns) - 1} delimiter(s)", number
             )
-        filename = line[: positions[0]].strip()
-        label = line[positions[-1] + 1 :].strip()
-        if not label:
+        filled = [c for c in columns if c]
+        if not filled:
+            raise LabelError("bad_columns", "the line holds only delimiters", number)
+        filename = filled.pop(0) if columns[0] else None
+        label = filled.pop() if filled else ""
+        if not label or (not columns[-1] and _is_numbers(label)):
             raise LabelError("missing_type", "the defect type column is empty", number)
-        values = parse_numbers(line[positions[0] + 1 : positions[-1]], number)
+        if filename is None and filled and not _is_numbers(filled[0]):
+            filename = filled.pop(0)
+        values = parse_numbers(";".join(filled), number)
         if len(values) % 4:
             raise LabelError(
                 "coords_not_multiple_of_4", f"{len(values)} numbers in the coordinate field (4 per box)", number
@@ -125,8 +139,13 @@ def parse_semicolon(text: str, coord_format: str = "xyxy") -> list[RawBox]:
         for i in range(0, len(values), 4):
             quad = tuple(values[i : i + 4])
             xyxy = cxcywh_to_xyxy(*quad) if coord_format == "cxcywh" else quad
-            boxes.append(RawBox(xyxy, label, number, filename or None))
+            boxes.append(RawBox(xyxy, label, number, filename))
     return boxes
+
+
+def _is_numbers(column: str) -> bool:
+    tokens = [t for t in _COORD_SPLIT.split(unicodedata.normalize("NFKC", column)) if t]
+    return bool(tokens) and all(_is_number(t) for t in tokens)
 
 
 def parse_yolo(text: str, class_names: list[str] | None) -> list[RawBox]:
@@ -159,14 +178,23 @@ def parse_class_names(text: str, is_yaml: bool) -> list[str]:
 
     names = (yaml.safe_load(text) or {}).get("names")
     if isinstance(names, dict):
-        return [str(names[k]) for k in sorted(names)]
+        try:
+            by_number = {int(k): str(v) for k, v in names.items()}
+        except (TypeError, ValueError):
+            by_number = {}
+        if sorted(by_number) != list(range(len(names))):
+            raise LabelError("no_class_names", "data.yaml 'names' mapping needs the keys 0..n-1 (class numbers)")
+        return [by_number[k] for k in range(len(names))]
     if isinstance(names, list):
         return [str(n) for n in names]
     raise LabelError("no_class_names", "data.yaml has no 'names' list or mapping")
 
 
-def parse_labelstudio(text: str) -> list[Labels]:
-    """A Label Studio JSON export: one `Labels` per task, rectangles in percent of the original size."""
+def parse_labelstudio(text: str, use_predictions: bool = False) -> list[Labels]:
+    """A Label Studio JSON export, full (`data`, `annotations`, `predictions`) or JSON-MIN (the
+    task's data fields and each control's results at the top level): one `Labels` per task,
+    rectangles in percent of the original size. A task with model predictions but no human
+    annotation gives no boxes and `origin="predictions_only"`, unless `use_predictions`."""
     try:
         tasks = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -175,24 +203,71 @@ def parse_labelstudio(text: str) -> list[Labels]:
         raise LabelError("bad_json", "a Label Studio export is a JSON list of tasks")
     result = []
     for task_number, task in enumerate(tasks, start=1):
-        image = (task.get("data") or {}).get("image") if isinstance(task, dict) else None
+        if not isinstance(task, dict):
+            raise LabelError("bad_task", f"task #{task_number} is not a JSON object")
+        if "data" in task:
+            image, items, origin = _full_task(task, use_predictions)
+        else:
+            image, items, origin = _min_task(task)
         if not image:
-            raise LabelError("bad_task", f"task #{task_number} has no data.image")
+            raise LabelError(
+                "bad_task", f"task #{task_number} names no image (full export: data.image; JSON-MIN: an image field)"
+            )
         boxes, size = [], None
-        annotations = task.get("annotations") or []
-        for item in annotations[-1]["result"] if annotations else []:
-            if item.get("type") != "rectanglelabels":
-                continue
-            value = item["value"]
+        for value in items:
             if value.get("rotation", 0):
                 raise LabelError("rotated_box", f"task #{task_number}: rotated rectangles are not supported")
-            x, y, w, h = (float(value[k]) / 100 for k in ("x", "y", "width", "height"))
+            try:
+                x, y, w, h = (float(value[k]) / 100 for k in ("x", "y", "width", "height"))
+            except (KeyError, TypeError, ValueError):
+                raise LabelError("bad_task", f"task #{task_number}: a rectangle lacks x, y, width or height") from None
             for label in value.get("rectanglelabels", []):
                 boxes.append(RawBox((x, y, x + w, y + h), str(label).strip(), task_number))
-            if "original_width" in item:
-                size = (int(item["original_width"]), int(item["original_height"]))
-        result.append(Labels("labelstudio", "utf-8", "unit", tuple(boxes), image_name(image), size))
+            if "original_width" in value:
+                size = (int(value["original_width"]), int(value["original_height"]))
+        result.append(Labels("labelstudio", "utf-8", "unit", tuple(boxes), image_name(image), size, origin))
     return result
+
+
+def _full_task(task: dict, use_predictions: bool) -> tuple[str | None, list[dict], str]:
+    data = task.get("data")
+    image = data.get("image") if isinstance(data, dict) else None
+    annotations = [a for a in task.get("annotations") or [] if isinstance(a, dict) and not a.get("was_cancelled")]
+    predictions = [p for p in task.get("predictions") or [] if isinstance(p, dict) and p.get("result")]
+    if annotations:
+        results, origin = annotations[-1].get("result") or [], "annotation"
+    elif predictions and use_predictions:
+        results, origin = predictions[-1]["result"], "prediction"
+    elif predictions:
+        results, origin = [], "predictions_only"
+    else:
+        results, origin = [], "annotation"
+    items = []
+    for item in results:
+        if isinstance(item, dict) and item.get("type") == "rectanglelabels":
+            value = dict(item.get("value") or {})
+            value.update({k: item[k] for k in ("original_width", "original_height") if k in item})
+            items.append(value)
+    return image, items, origin
+
+
+def _min_task(task: dict) -> tuple[str | None, list[dict], str]:
+    image = task.get("image")
+    if not isinstance(image, str):
+        image = next((v for v in task.values() if isinstance(v, str) and _IMAGE_SUFFIX.search(v)), None)
+    items = [
+        item
+        for value in task.values()
+        if isinstance(value, list)
+        for item in value
+        if isinstance(item, dict) and "rectanglelabels" in item
+    ]
+    return image, items, "annotation"
+
+
+def strip_upload_prefix(name: str) -> str:
+    """A file name without Label Studio's upload prefix (8 hex digits and a dash)."""
+    return _UPLOAD_PREFIX.sub("", name, count=1)
 
 
 def image_name(reference: str) -> str:

@@ -26,8 +26,6 @@ from defectvlm.config import SPLITS, TASKS, SftParams
 from defectvlm.errors import StepFailure
 from defectvlm.seeding import item_rng
 
-IMAGE_TOKEN = "<image>"  # where ms-swift and LLaMA-Factory put the image in a text turn
-
 
 @dataclass(frozen=True)
 class SftResult:
@@ -343,47 +341,3 @@ def build_sft(regions: dict[str, list[dict]], params: SftParams, templates: dict
             "balance": balance_report,
         }
     return SftResult(result, summary)
-
-
-# --- export formats --------------------------------------------------------------------
-
-
-def _plain_messages(sample: dict) -> list[dict]:
-    """Messages with the image as an `<image>` token in the user text (swift / LLaMA-Factory)."""
-    system, user, assistant = sample["messages"]
-    text = "".join(part["text"] for part in user["content"] if part["type"] == "text")
-    return [
-        {"role": "system", "content": system["content"]},
-        {"role": "user", "content": f"{IMAGE_TOKEN}{text}"},
-        {"role": "assistant", "content": assistant["content"]},
-    ]
-
-
-def export_sample(sample: dict, fmt: str) -> dict:
-    if fmt == "native":
-        return sample
-    messages = _plain_messages(sample)
-    if fmt == "swift":
-        return {"messages": messages, "images": sample["images"]}
-    if fmt == "llamafactory":
-        return {"messages": messages[1:], "system": messages[0]["content"], "images": sample["images"]}
-    raise ValueError(f"unknown SFT format {fmt!r}")
-
-
-def llamafactory_dataset_info(prefix: str = "defectvlm") -> dict:
-    """The `dataset_info.json` entries LLaMA-Factory needs for the three split files."""
-    return {
-        f"{prefix}_{split}": {
-            "file_name": f"{split}.jsonl",
-            "formatting": "sharegpt",
-            "columns": {"messages": "messages", "system": "system", "images": "images"},
-            "tags": {
-                "role_tag": "role",
-                "content_tag": "content",
-                "user_tag": "user",
-                "assistant_tag": "assistant",
-                "system_tag": "system",
-            },
-        }
-        for split in SPLITS
-    }
