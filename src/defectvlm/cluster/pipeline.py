@@ -77,8 +77,8 @@ def lineage_at(params: Params, revision: str) -> dict[str, str]:
     the revision is not a commit of this checkout): what the cluster run logs as its data version."""
     files = {}
     for path in lineage_paths(params):
-        shown = subprocess.run(["git", "show", f"{revision}:{path}"], capture_output=True, text=True)
-        if revision and shown.returncode == 0:
+        shown = revision and subprocess.run(["git", "show", f"{revision}:{path}"], capture_output=True, text=True)
+        if shown and shown.returncode == 0:
             files[path] = shown.stdout
         elif Path(path).is_file():
             files[path] = Path(path).read_text(encoding="utf-8")
