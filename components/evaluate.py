@@ -12,6 +12,8 @@ def evaluate(
     conversations: Input[Dataset],
     cluster: dict,
     job_id: str,
+    data_version: str,
+    lineage: dict,
     phase1: Input[Model],
     phase2: Input[Model],
     phase3: Input[Model],
@@ -30,6 +32,8 @@ def evaluate(
         cluster,
         job_id,
         {1: phase1.path, 2: phase2.path, 3: phase3.path},
+        data_version,
+        lineage,
         **{"in": conversations.path, "out": reports.path},
     )
     result = json.loads((Path(reports.path) / "metrics.json").read_text(encoding="utf-8"))

@@ -6,12 +6,15 @@ from defectvlm.cluster.images import DATA_IMAGE
 
 @dsl.component(base_image=DATA_IMAGE, install_kfp_package=False)
 def register(
+    data: dict,
     model: dict,
     train: dict,
     tracking: dict,
     registry: dict,
     cluster: dict,
     job_id: str,
+    data_version: str,
+    lineage: dict,
     phase1: Input[Model],
     phase2: Input[Model],
     phase3: Input[Model],
@@ -27,10 +30,12 @@ def register(
 
     run_on_phases(
         "register",
-        {"model": model, "train": train, "tracking": tracking, "registry": registry},
+        {"data": data, "model": model, "train": train, "tracking": tracking, "registry": registry},
         cluster,
         job_id,
         {1: phase1.path, 2: phase2.path, 3: phase3.path},
+        data_version,
+        lineage,
         **{"reports": reports.path, "in": conversations.path, "out": registration.path},
     )
     registration.metadata.update(json.loads((Path(registration.path) / "registration.json").read_text()))

@@ -13,6 +13,8 @@ def train_phase(
     trainjob: dict,
     cluster: dict,
     job_id: str,
+    data_version: str,
+    lineage: dict,
     conversations: Input[Dataset],
     adapter: Output[Model],
     phase1: Input[Model] = None,
@@ -31,5 +33,7 @@ def train_phase(
         earlier,
         job_id,
         adapter.path,
+        data_version,
+        lineage,
     )
     adapter.metadata.update({k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))})

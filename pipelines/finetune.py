@@ -2,7 +2,8 @@
 
 Pipeline parameters are generated from `defectvlm.config.Params`: one dict parameter per
 params.yaml section (data, labels, ..., trainjob) whose default is that section of the params
-file the pipeline is built from, plus `data_version`. Each task gets exactly the sections its
+file the pipeline is built from, plus `data_version` and `lineage` (the dvc.lock / .dvc files of
+that version, which the training, evaluation and registration steps log). Each task gets exactly the sections its
 step reads (`defectvlm.cluster.steps.STEPS`), so a changed section re-runs only the steps that
 read it and the steps after them. The `cluster` section is not a parameter: it shapes the
 compiled pipeline (images, GPUs, volumes, secrets, scheduling).
@@ -39,7 +40,7 @@ def build(params: Params):
     cluster_values = values["cluster"]
 
     def finetune(*args):
-        p = dict(zip([*defaults, "data_version"], args, strict=True))
+        p = dict(zip([*defaults, "data_version", "lineage"], args, strict=True))
 
         def sections(step: str) -> dict:
             return {name: p[name] for name in STEPS[step].sections}
@@ -54,6 +55,8 @@ def build(params: Params):
         run = {
             "cluster": cluster_values,
             "job_id": dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            "data_version": p["data_version"],
+            "lineage": p["lineage"],
             "conversations": tasks["sft"].outputs["conversations"],
         }
         adapters = {}
@@ -96,13 +99,17 @@ def build(params: Params):
         "Fine-tune a VLM on inspection images (the stages of dvc.yaml).\n\nArgs:\n"
         + "".join(f"    {name}: params.yaml section `{name}`: {docs.get(name, '')}\n" for name in defaults)
         + "    data_version: Revision of the raw data on the workspace (DVC/git); caches the data steps by it.\n"
+        + "    lineage: The dvc.lock and raw .dvc files of that revision (path -> text), logged with the runs.\n"
     )
     finetune.__signature__ = inspect.Signature(
         [
             inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=v, annotation=dict)
             for name, v in defaults.items()
         ]
-        + [inspect.Parameter("data_version", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="", annotation=str)],
+        + [
+            inspect.Parameter("data_version", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="", annotation=str),
+            inspect.Parameter("lineage", inspect.Parameter.POSITIONAL_OR_KEYWORD, default={}, annotation=dict),
+        ],
         return_annotation=dsl.Artifact,
     )
     return dsl.pipeline(name=NAME)(finetune)

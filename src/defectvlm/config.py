@@ -280,6 +280,9 @@ class PhaseParams:
             _fail("train.phase.epochs", "epochs or max_steps must be > 0")
 
 
+METRIC_DIRECTIONS = {"roi_f1": True, "eval_loss": False}  # metric_for_best_model -> larger is better
+
+
 @dataclass(frozen=True)
 class TrainParams:
     """Phased LoRA training (DeepSpeed)."""
@@ -306,7 +309,9 @@ class TrainParams:
     metric_for_best_model: Literal["roi_f1", "eval_loss"] = param(
         "roi_f1", "Metric that picks the best checkpoint: val ROI-level F1 (scoring pass) or val loss."
     )
-    greater_is_better: bool = param(True, "Whether a larger metric is better (true for roi_f1, false for eval_loss).")
+    greater_is_better: bool = param(
+        True, "Whether a larger metric is better: must be true for roi_f1 and false for eval_loss (checked)."
+    )
     lora: LoraParams = param(LoraParams(), "LoRA shape.")
     phase1: PhaseParams = param(PhaseParams(epochs=3.0), "Phase 1: vision tower frozen; projector + LM LoRA.")
     phase2: PhaseParams = param(
@@ -324,6 +329,13 @@ class TrainParams:
             _fail("train.save_total_limit", f"must be >= 1, got {self.save_total_limit}")
         if not 0 <= self.warmup_ratio < 1:
             _fail("train.warmup_ratio", f"must be within [0, 1), got {self.warmup_ratio}")
+        higher_is_better = METRIC_DIRECTIONS[self.metric_for_best_model]
+        if self.greater_is_better != higher_is_better:
+            _fail(
+                "train.greater_is_better",
+                f"{self.metric_for_best_model} is better when {'higher' if higher_is_better else 'lower'}: set "
+                f"train.greater_is_better: {str(higher_is_better).lower()} (otherwise the worst checkpoint is kept)",
+            )
         if self.phase1.vision_lora_top_n or self.phase1.unfreeze_top_k:
             _fail(
                 "train.phase1", "phase 1 keeps the vision tower frozen: vision_lora_top_n and unfreeze_top_k must be 0"

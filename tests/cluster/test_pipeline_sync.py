@@ -86,7 +86,7 @@ def test_each_step_reads_every_section_its_dvc_stage_lists():
 def test_pipeline_parameters_are_the_params_sections_with_params_yaml_defaults(compiled):
     spec, _ = compiled
     inputs = spec["root"]["inputDefinitions"]["parameters"]
-    assert set(inputs) == {*RUNTIME_SECTIONS, "data_version"}
+    assert set(inputs) == {*RUNTIME_SECTIONS, "data_version", "lineage"}
     for name in RUNTIME_SECTIONS:
         default = params_to_dict(params_from_sections({name: inputs[name]["defaultValue"]}))[name]
         assert default == PARAMS[name], name
@@ -95,7 +95,9 @@ def test_pipeline_parameters_are_the_params_sections_with_params_yaml_defaults(c
 def test_each_task_gets_exactly_its_steps_sections(compiled):
     spec, _ = compiled
     extra = {"scan_labels": {"data_version"}, "ingest": {"data_version"}}
-    extra.update({f"train_phase{n}": {"trainjob"} for n in (1, 2, 3)})
+    lineage = {"data_version", "lineage"}  # the steps that log to MLflow log the run's data version
+    extra.update({f"train_phase{n}": {"trainjob", *lineage} for n in (1, 2, 3)})
+    extra.update({"evaluate": lineage, "register": lineage})
     for name, task in tasks_by_step(spec).items():
         from_pipeline = {
             key for key, value in task["inputs"]["parameters"].items() if "componentInputParameter" in value

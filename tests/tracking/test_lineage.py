@@ -1,14 +1,30 @@
-"""Lineage digests: the SFT split digests pin the images' content; git facts; dvc.lock digests."""
+"""Lineage: the SFT split digests pin the images' content; git facts (uncommitted changes in the
+pipeline key); dvc.lock digests; a data version on every run, cluster runs included."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
+import mlflow
+import pytest
 from PIL import Image
 
+from defectvlm.cluster import steps
+from defectvlm.config import Params, TrainParams, load_params, params_from_dict
 from defectvlm.io import read_jsonl
-from defectvlm.tracking.lineage import dvc_digests, file_md5, git_info, split_digests
+from defectvlm.tracking.lineage import (
+    DATA_VERSION_ENV,
+    dvc_digests,
+    file_md5,
+    git_info,
+    lineage_files,
+    lineage_tags,
+    pipeline_key,
+    split_digests,
+)
+from defectvlm.tracking.mlflow_tracking import parent_run_id
 from tests.conftest import prepare_sft, run_cli, write_params
 
 
@@ -74,3 +90,82 @@ def test_dvc_digests_lists_every_dependency_and_output_of_dvc_lock(tmp_path):
     assert dvc_digests(lock) == {"data/01/manifest.jsonl": "m1", "data/04/test.jsonl": "t1", "data/raw/a": "d1.dir"}
     assert dvc_digests(tmp_path / "missing.lock") == {}
     assert len(file_md5(lock)) == 32
+
+
+def _git(cwd: Path, *args: str) -> str:
+    done = subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
+                          capture_output=True, text=True)  # fmt: skip
+    return done.stdout.strip()
+
+
+@pytest.fixture
+def checkout(tmp_path, monkeypatch) -> Path:
+    """A committed git checkout with SFT split files, as the current directory."""
+    monkeypatch.delenv(DATA_VERSION_ENV, raising=False)
+    (tmp_path / "sft").mkdir()
+    for split in ("train", "val", "test"):
+        (tmp_path / "sft" / f"{split}.jsonl").write_text(f'{{"split": "{split}"}}\n', encoding="utf-8")
+    (tmp_path / "code.py").write_text("x = 1\n", encoding="utf-8")
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", "code.py")
+    _git(tmp_path, "commit", "-qm", "c")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_uncommitted_changes_are_part_of_the_pipeline_key(checkout):
+    params = Params()
+    clean = pipeline_key(params, Path("sft"))
+    (checkout / "code.py").write_text("x = 2\n", encoding="utf-8")
+    dirty = pipeline_key(params, Path("sft"))
+    (checkout / "code.py").write_text("x = 3\n", encoding="utf-8")
+    other = pipeline_key(params, Path("sft"))
+    assert len({clean, dirty, other}) == 3
+    (checkout / "code.py").write_text("x = 1\n", encoding="utf-8")
+    assert pipeline_key(params, Path("sft")) == clean
+
+
+def test_a_dirty_run_gets_its_own_parent_run_tagged_dirty(checkout):
+    params = params_from_dict({"tracking": {"uri": f"sqlite:///{checkout / 'mlflow.db'}"}})
+    clean = parent_run_id(params, Path("sft"))
+    (checkout / "code.py").write_text("x = 2\n", encoding="utf-8")
+    dirty = parent_run_id(params, Path("sft"))
+    assert dirty != clean
+    client = mlflow.MlflowClient(tracking_uri=params.tracking.uri)
+    assert client.get_run(clean).data.tags["git.dirty"] == "false"
+    tags = client.get_run(dirty).data.tags
+    assert tags["git.dirty"] == "true" and len(tags["git.diff_sha256"]) == 64
+
+
+def test_every_run_has_a_data_version(checkout, monkeypatch):
+    params = Params()
+    tags = lineage_tags(params, Path("sft"))  # no DVC files, no environment: from the SFT digests
+    assert tags["data.version"].startswith("sft:")
+    for name, md5 in (("abnormal_root", "a" * 32), ("normal_root", "b" * 32)):  # as `dvc add` writes them
+        dvc_file = checkout / "data" / "raw" / f"{name}.dvc"
+        dvc_file.parent.mkdir(parents=True, exist_ok=True)
+        dvc_file.write_text(f"outs:\n- md5: {md5}.dir\n  path: {name}\n", encoding="utf-8")
+    dvc_run = lineage_tags(params, Path("sft"))["data.version"]
+    assert dvc_run == f"dvc:abnormal_root={'a' * 32}.dir,normal_root={'b' * 32}.dir"
+    monkeypatch.setenv(DATA_VERSION_ENV, "v7")
+    assert lineage_tags(params, Path("sft"))["data.version"] == "v7"
+
+
+def test_a_cluster_step_gets_the_data_version_and_logs_the_dvc_lock_it_ran_with(checkout, monkeypatch):
+    seen = {}
+
+    def fake_cli(argv):
+        params = load_params(argv[argv.index("--params") + 1])
+        seen.update(tags=lineage_tags(params, Path("sft")), files=lineage_files(params))
+
+    monkeypatch.setattr(steps, "run_cli", fake_cli)
+    lineage = {"dvc.lock": "schema: '2.0'\nstages: {}\n", "data/raw/abnormal_root.dvc": "outs: []\n"}
+    sections = {"model": {}, "train": {}, "tracking": {}}
+    cluster = {"workspace": str(checkout / "workspace")}
+    steps.run_on_phases("evaluate", sections, cluster, "job1", {}, "data@v7", lineage, **{"in": "sft", "out": "r"})
+    assert os.environ[DATA_VERSION_ENV] == "data@v7"
+    monkeypatch.delenv(DATA_VERSION_ENV)  # a TrainJob pod: no step environment, the run folder's record
+    assert seen["tags"]["data.version"] == "data@v7" and seen["files"] == lineage
+    run_folder = Params(train=TrainParams(output_dir=str(checkout / "workspace" / "runs" / "job1")))
+    assert lineage_tags(run_folder, Path("sft"))["data.version"] == "data@v7"
+    assert lineage_files(run_folder) == lineage

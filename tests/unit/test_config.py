@@ -23,6 +23,8 @@ def test_repo_params_load_and_every_field_is_documented():
         ("ingest:\n  max_rejected_fraction: 1.5\n", 2, "ingest.max_rejected_fraction"),
         ("ingest:\n  workers: true\n", 2, "ingest.workers"),
         ("trainer:\n  lr: 1\n", 1, "trainer"),
+        ("train:\n  metric_for_best_model: eval_loss\n  greater_is_better: true\n", 3, "train.greater_is_better"),
+        ("train:\n  metric_for_best_model: roi_f1\n  greater_is_better: false\n", 3, "train.greater_is_better"),
     ],
 )
 def test_bad_values_name_file_line_and_key(tmp_path, text, line, key):
@@ -32,6 +34,13 @@ def test_bad_values_name_file_line_and_key(tmp_path, text, line, key):
         load_params(path)
     message = str(info.value)
     assert message.startswith(f"{path}:{line}: {key}"), message
+
+
+def test_the_best_checkpoint_direction_follows_the_metric():
+    assert params_from_dict({"train": {"metric_for_best_model": "eval_loss", "greater_is_better": False}})
+    assert params_from_dict({"train": {"metric_for_best_model": "roi_f1", "greater_is_better": True}})
+    with pytest.raises(ConfigError, match="eval_loss is better when lower: set train.greater_is_better: false"):
+        params_from_dict({"train": {"metric_for_best_model": "eval_loss"}})  # the default (true) would keep the worst
 
 
 def test_invalid_yaml_is_a_config_error(tmp_path):

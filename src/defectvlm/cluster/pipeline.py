@@ -1,5 +1,6 @@
 """`defectvlm pipeline compile | run --local | submit`: the KFP pipeline of pipelines/finetune.py,
-built from the same params file (and `-S` overrides) as every other command.
+built from the same params file (and `-S` overrides) as every other command. `pipeline dvc`
+rewrites dvc.yaml's params and source deps from the step table.
 
 Run from the repository root: the pipeline and its components are the top-level `pipelines/`
 and `components/` folders.
@@ -20,13 +21,16 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import yaml
 from rich.console import Console
 
-from defectvlm.cluster.steps import RUNTIME_SECTIONS
+from defectvlm.cluster.steps import RUNTIME_SECTIONS, dvc_yaml
 from defectvlm.config import Params, params_to_dict
 from defectvlm.errors import StepFailure
+from defectvlm.tracking.lineage import lineage_paths
 
 PACKAGE = Path("pipelines/finetune.yaml")
+DVC_FILE = Path("dvc.yaml")
 TOKEN_ENV = "KF_PIPELINES_TOKEN"
 console = Console(stderr=True, soft_wrap=True)
 
@@ -62,9 +66,23 @@ def _sorted_header_defaults(text: str) -> str:
 
 
 def arguments(params: Params, data_version: str) -> dict:
-    """Run arguments: every runtime section of params, plus the data version."""
+    """Run arguments: every runtime section of params, the data version and its lineage files."""
     values = params_to_dict(params)
-    return {**{name: values[name] for name in RUNTIME_SECTIONS}, "data_version": data_version}
+    sections = {name: values[name] for name in RUNTIME_SECTIONS}
+    return {**sections, "data_version": data_version, "lineage": lineage_at(params, data_version)}
+
+
+def lineage_at(params: Params, revision: str) -> dict[str, str]:
+    """dvc.lock and the raw .dvc files as of `revision` in git (as in the working tree where
+    the revision is not a commit of this checkout): what the cluster run logs as its data version."""
+    files = {}
+    for path in lineage_paths(params):
+        shown = revision and subprocess.run(["git", "show", f"{revision}:{path}"], capture_output=True, text=True)
+        if shown and shown.returncode == 0:
+            files[path] = shown.stdout
+        elif Path(path).is_file():
+            files[path] = Path(path).read_text(encoding="utf-8")
+    return files
 
 
 def default_data_version() -> str:
@@ -116,7 +134,7 @@ def submit(params: Params, host: str, experiment: str, data_version: str, run_na
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=("compile", "run", "submit"))
+    parser.add_argument("action", choices=("compile", "run", "submit", "dvc"))
     parser.add_argument("--out", type=Path, default=PACKAGE, help=f"compile: package path (default: {PACKAGE})")
     parser.add_argument("--local", action="store_true", help="run: with kfp.local here (the only way `run` runs)")
     parser.add_argument("--root", type=Path, default=Path(".kfp_local"), help="run: outputs and workspace folder")
@@ -130,6 +148,9 @@ def pipeline_command(args: argparse.Namespace, params: Params) -> int:
     data_version = args.data_version if args.data_version is not None else default_data_version()
     if args.action == "compile":
         console.print(f"wrote {compile_pipeline(params, args.out)}")
+    elif args.action == "dvc":
+        DVC_FILE.write_text(dvc_yaml(yaml.safe_load(DVC_FILE.read_text(encoding="utf-8"))), encoding="utf-8")
+        console.print(f"wrote {DVC_FILE}")
     elif args.action == "run":
         if not args.local:
             console.print("[red]error[/]: `pipeline run` needs --local (use `pipeline submit` for a cluster)")

@@ -2,14 +2,17 @@
 to a params file and run the same `defectvlm <step>` command line as the DVC stage.
 
 `STEPS` is the one table of the pipeline's steps: the CLI command each runs (paths as
-`{placeholders}`) and the params.yaml sections it reads. The KFP components call `run_step`
-(or the train / evaluate / register helpers); tests check the table against dvc.yaml.
+`{placeholders}`), the params.yaml sections its KFP task receives, the exact params keys it reads
+and the source files it runs. dvc.yaml's `params` and source `deps` are written from it
+(`defectvlm pipeline dvc`); tests record what each step really reads and check the table and
+dvc.yaml against it. The KFP components call `run_step` (or the train / evaluate / register helpers).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -21,32 +24,129 @@ from pathlib import Path
 import yaml
 
 from defectvlm.config import Params, params_from_dict, params_to_dict
+from defectvlm.tracking.lineage import DATA_VERSION_ENV, DATA_VERSION_FILE, LINEAGE_DIR
 
 
 @dataclass(frozen=True)
 class Step:
     command: tuple[str, ...]  # `defectvlm` arguments; {in}, {out}, {reports}: paths the component fills in
-    sections: tuple[str, ...]  # params.yaml sections the step reads (its pipeline parameters)
+    sections: tuple[str, ...]  # params.yaml sections the KFP task receives (its pipeline parameters)
+    params: tuple[str, ...]  # the exact params keys the step reads (a section or sub-section: all its keys)
+    code: tuple[str, ...]  # the source files (or folders) whose code the step runs: its DVC code deps
 
 
-_TRAIN = ("model", "train", "tracking")
+_SRC = "src/defectvlm/"
+_CORE = tuple(_SRC + f for f in ("cli.py", "config.py", "io.py"))
+_DATA_KEYS = ("data.abnormal_root", "data.normal_root")
+_LABEL_KEYS = ("labels.format", "labels.coord_format", "labels.label_map")
+_SCAN_KEYS = ("ingest.verify", "ingest.image_extensions", "ingest.workers")
+_SCAN_CODE = tuple(_SRC + f for f in ("data/images.py", "data/ingest.py", "data/labels.py"))
+_MODEL_CODE = tuple(_SRC + f"models/{f}.py" for f in ("families", "loading", "tiny"))
+_TRAIN_KEYS = tuple(
+    f"train.{key}"
+    for key in (
+        "output_dir", "deepspeed", "seed", "batch_size", "grad_accum", "max_length", "group_by_length",
+        "warmup_ratio", "weight_decay", "max_grad_norm", "gradient_checkpointing", "qlora", "logging_steps",
+        "eval_steps", "save_steps", "save_total_limit", "metric_for_best_model", "greater_is_better", "lora",
+    )
+)  # fmt: skip
+# training picks its best checkpoint with the scoring pass (evaluate/), whose answers use the templates
+_TRAIN_CODE = (
+    *_CORE,
+    *_MODEL_CODE,
+    *(_SRC + f"train/{f}.py" for f in ("artifacts", "data", "loop", "phases")),
+    *(_SRC + f"evaluate/{f}.py" for f in ("metrics", "scoring")),
+    _SRC + "data/templates",
+)
+_PHASES_ENABLED = tuple(f"train.phase{n}.enabled" for n in (1, 2, 3))
+_TRACKING = ("model", "train", "tracking")
+
+
+def _train(n: int) -> Step:
+    earlier = tuple(f"train.phase{k}.enabled" for k in range(1, n))  # where the phase starts from
+    command = ("train", "--phase", str(n), "--in", "{in}")
+    return Step(command, _TRACKING, ("model", *_TRAIN_KEYS, f"train.phase{n}", *earlier), _TRAIN_CODE)
+
 
 STEPS: dict[str, Step] = {
-    "scan_labels": Step(("scan-labels", "--out", "{out}/label_stats.json"), ("data", "labels", "ingest")),
-    "ingest": Step(("ingest", "--out", "{out}", "--quiet"), ("data", "labels", "ingest")),
-    "split": Step(("split", "--in", "{in}", "--out", "{out}"), ("split",)),
-    "regions": Step(("regions", "--in", "{in}", "--out", "{out}"), ("regions", "model")),
-    "sft": Step(("build-sft", "--in", "{in}", "--out", "{out}"), ("sft",)),
-    **{f"train_phase{n}": Step(("train", "--phase", str(n), "--in", "{in}"), _TRAIN) for n in (1, 2, 3)},
-    "evaluate": Step(("evaluate", "--run", "last", "--in", "{in}", "--out", "{out}"), _TRAIN),
+    "scan_labels": Step(
+        ("scan-labels", "--out", "{out}/label_stats.json"),
+        ("data", "labels", "ingest"),
+        (*_DATA_KEYS, *_LABEL_KEYS, *_SCAN_KEYS),
+        (*_CORE, *_SCAN_CODE, _SRC + "data/label_stats.py"),
+    ),
+    "ingest": Step(
+        ("ingest", "--out", "{out}", "--quiet"),
+        ("data", "labels", "ingest"),
+        (*_DATA_KEYS, "labels", "ingest"),
+        (*_CORE, *_SCAN_CODE),
+    ),
+    "split": Step(
+        ("split", "--in", "{in}", "--out", "{out}"),
+        ("split",),
+        ("split",),
+        (*_CORE, _SRC + "data/split.py", _SRC + "seeding.py"),
+    ),
+    "regions": Step(
+        ("regions", "--in", "{in}", "--out", "{out}"),
+        ("regions", "model"),
+        ("regions", "model.family", "model.min_pixels", "model.max_pixels"),
+        (*_CORE, _SRC + "data/regions.py", _SRC + "models/families.py", _SRC + "seeding.py"),
+    ),
+    "sft": Step(
+        ("build-sft", "--in", "{in}", "--out", "{out}"),
+        ("sft",),
+        ("sft",),
+        (*_CORE, _SRC + "data/sft.py", _SRC + "data/templates", _SRC + "seeding.py"),
+    ),
+    **{f"train_phase{n}": _train(n) for n in (1, 2, 3)},
+    "evaluate": Step(
+        ("evaluate", "--run", "last", "--in", "{in}", "--out", "{out}"),
+        _TRACKING,
+        ("model", "train.output_dir", *_PHASES_ENABLED),
+        (
+            *_CORE,
+            *_MODEL_CODE,
+            *(_SRC + f"evaluate/{f}.py" for f in ("metrics", "report", "run", "scoring")),
+            *(_SRC + f"train/{f}.py" for f in ("artifacts", "data", "phases")),
+            _SRC + "data/templates",
+        ),
+    ),
+    # its output is the registry entry and its lineage tags (data roots: their DVC digests)
     "register": Step(
         ("register", "--run", "last", "--reports", "{reports}", "--in", "{in}", "--out", "{out}/registration.json"),
-        (*_TRAIN, "registry"),
+        ("data", *_TRACKING, "registry"),
+        (*_DATA_KEYS, "registry.model_name", "tracking", "train.output_dir", *_PHASES_ENABLED),
+        (
+            *_CORE,
+            _SRC + "evaluate/run.py",
+            _SRC + "train/artifacts.py",
+            *(_SRC + f"tracking/{f}.py" for f in ("lineage", "mlflow_tracking", "registry")),
+        ),
     ),
 }
 
 # Sections that are pipeline parameters (everything but `cluster`, which shapes the compiled pipeline).
 RUNTIME_SECTIONS = tuple(f.name for f in dataclasses.fields(Params) if f.name != "cluster")
+
+
+def dvc_yaml(current: dict) -> str:
+    """dvc.yaml with every stage's `params` and source deps (src/) from STEPS; the other deps,
+    the commands and the outputs come from `current` (the parsed dvc.yaml)."""
+    stages = {}
+    for name, stage in current["stages"].items():
+        data_deps = [dep for dep in stage.get("deps", []) if not dep.startswith("src/")]
+        stages[name] = {**stage, "deps": [*data_deps, *STEPS[name].code], "params": list(STEPS[name].params)}
+    body = yaml.safe_dump({"stages": stages}, allow_unicode=True, sort_keys=False, width=120)
+    return DVC_HEADER + body
+
+
+DVC_HEADER = """\
+# Local, cached pipeline: `dvc repro`. Paths come from params.yaml (${...}), so the same names
+# drive the CLI, these stages and the cluster pipeline. Each stage's `params` (the exact keys
+# its step reads) and source deps are written by `defectvlm pipeline dvc` from
+# defectvlm.cluster.steps.STEPS; edit the table there, not these lists.
+"""
 
 
 def params_from_sections(sections: dict[str, dict]) -> Params:
@@ -120,6 +220,18 @@ def run_folder(cluster: dict, job_id: str, phases: dict[int, str]) -> Path:
     return root
 
 
+def record_lineage(root: Path, data_version: str, lineage: dict[str, str]) -> None:
+    """The run's data version and the dvc.lock / .dvc files that pin it, in the run folder (where
+    every step and TrainJob pod of the run reads them) and the data version in this step's environment."""
+    folder = root / LINEAGE_DIR
+    for path, text in lineage.items():
+        (folder / path).parent.mkdir(parents=True, exist_ok=True)
+        (folder / path).write_text(text, encoding="utf-8")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / DATA_VERSION_FILE).write_text(data_version, encoding="utf-8")
+    os.environ[DATA_VERSION_ENV] = data_version
+
+
 def _with_output_dir(sections: dict[str, dict], root: Path) -> Params:
     return params_from_sections({**sections, "train": {**sections["train"], "output_dir": str(root)}})
 
@@ -133,11 +245,14 @@ def train_phase(
     earlier: dict[int, str],
     job_id: str,
     adapter: str,
+    data_version: str,
+    lineage: dict[str, str],
 ) -> dict:
     """Train one phase in the run folder, in this pod or as a TrainJob, and copy the phase
     folder without its checkpoints to `adapter`. A retried task resumes from the phase's last
     checkpoint. Returns the phase's metrics."""
     root = run_folder(cluster, job_id, earlier)
+    record_lineage(root, data_version, lineage)
     shutil.copytree(sft, root / "sft", dirs_exist_ok=True)
     params = _with_output_dir(sections, root)
     params_file = write_params(params, root / f"params_phase{phase}.yaml")
@@ -163,9 +278,18 @@ def train_phase(
 
 
 def run_on_phases(
-    step: str, sections: dict[str, dict], cluster: dict, job_id: str, phases: dict[int, str], **paths: str
+    step: str,
+    sections: dict[str, dict],
+    cluster: dict,
+    job_id: str,
+    phases: dict[int, str],
+    data_version: str,
+    lineage: dict[str, str],
+    **paths: str,
 ) -> None:
     """evaluate / register: run the step with the run folder as train.output_dir."""
-    params = _with_output_dir(sections, run_folder(cluster, job_id, phases))
+    root = run_folder(cluster, job_id, phases)
+    record_lineage(root, data_version, lineage)
+    params = _with_output_dir(sections, root)
     with tempfile.TemporaryDirectory() as tmp:
         run_cli(command(step, write_params(params, Path(tmp) / "params.yaml"), **paths))

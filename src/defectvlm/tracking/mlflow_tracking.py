@@ -1,7 +1,8 @@
-"""MLflow glue. One parent run per pipeline execution, found by its pipeline key (same commit,
-data digests and parameters), created by the first step that logs; under it a nested run
-per training phase, for the evaluation and for the registration. The parent carries the
-flattened parameters, the lineage tags (git commit, dirty flag, data digests) and the
+"""MLflow glue. One parent run per pipeline execution, found by its pipeline key (same code,
+uncommitted changes included, data digests and parameters), created by the first step that
+logs; under it a nested run per training phase, for the evaluation and for the registration.
+The parent carries the flattened parameters, the lineage tags (git commit, dirty flag and diff
+digest, data digests, data version), the dvc.lock / .dvc files of the data version and the
 resolved parameters; step runs log the SFT splits they read as dataset inputs whose digest
 is the file's md5 (the digest DVC records). Credentials come from the environment
 (MLFLOW_TRACKING_*, AWS_*), never from params.yaml, and are never logged."""
@@ -15,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from defectvlm.config import Params, params_to_dict
-from defectvlm.tracking.lineage import lineage_tags, pipeline_key, split_digests
+from defectvlm.tracking.lineage import lineage_files, lineage_tags, pipeline_key, split_digests
 
 PIPELINE_KEY_TAG = "defectvlm.pipeline_key"
 STEP_TAG = "defectvlm.step"
@@ -68,12 +69,6 @@ def parent_run_id(params: Params, sft_dir: Path) -> str:
     client.log_dict(run_id, params_to_dict(params), "params.resolved.json")
     client.set_terminated(run_id)
     return run_id
-
-
-def lineage_files(params: Params) -> dict[str, str]:
-    """The texts that restore this data version: dvc.lock and the raw folders' .dvc files."""
-    paths = ["dvc.lock", f"{params.data.abnormal_root}.dvc", f"{params.data.normal_root}.dvc"]
-    return {path: Path(path).read_text(encoding="utf-8") for path in paths if Path(path).is_file()}
 
 
 @contextmanager
