@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from defectvlm.config import LoraParams, PhaseParams, SftParams
+from defectvlm.config import LoraParams, PhaseParams, load_params
 from defectvlm.data.sft import load_knowledge, load_templates
 from defectvlm.io import read_jsonl
 from defectvlm.models.families import get_family
 from defectvlm.models.tiny import build_tiny
 from defectvlm.train.artifacts import prompt_config, save_trained, trained_tensors
 from defectvlm.train.phases import apply_phase
+from tests.conftest import REPO
 
 FAMILY = get_family("qwen2_5_vl")
 MIN_PIXELS, MAX_PIXELS = 3136, 200704
@@ -38,7 +39,7 @@ def trained_model(seed: int = 0):
 
 
 def save_adapter(model, processor, folder: Path, sft_dir: Path) -> Path:
-    sft = SftParams(language="zh", region_encoding="coords+crops")
+    sft = load_params(REPO / "params.yaml").sft  # what sft_dir was built with
     classes = json.loads((sft_dir / "sft_summary.json").read_text(encoding="utf-8"))["classes"]
     prompt = prompt_config(sft, load_templates(sft), load_knowledge(sft), classes, read_jsonl(sft_dir / "train.jsonl"))
     info = {
