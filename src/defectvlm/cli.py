@@ -380,6 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, help="max metric difference (default: registry.reproduce_tolerance)")
     p.add_argument("--out", help="write the comparison as JSON here")
     p.add_argument("--keep", action="store_true", help="keep the worktree even when everything matches")
+
+    from defectvlm.inference.cli import add_commands
+
+    add_commands(step)
     return parser
 
 

@@ -63,7 +63,7 @@ def test_register_ships_the_adapter_only_and_leads_back_to_commit_and_data(works
 
     # adapter only: the LoRA files, the trained projector, processor and inference config; no base weights
     files = {Path(f.path).name for f in c.list_artifacts(mv.run_id, "adapter")}
-    assert {"adapter_model.safetensors", "adapter_config.json", "non_lora.safetensors", "inference.json"} <= files
+    assert {"adapter_model.safetensors", "adapter_config.json", "prompt.json", "inference.json"} <= files
     assert not any(name.startswith(("model", "pytorch_model")) for name in files)
     local = Path(
         mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="adapter", tracking_uri=c.tracking_uri)

@@ -16,7 +16,7 @@ from defectvlm.models.families import get_family
 from defectvlm.models.tiny import build_tiny
 from defectvlm.tracking.lineage import file_md5
 from defectvlm.tracking.mlflow_tracking import MlflowTracking
-from defectvlm.train.artifacts import NON_LORA_FILE, load_trained
+from defectvlm.train.artifacts import ADAPTER_FILE, PROMPT_FILE, load_trained
 from defectvlm.train.loop import build_model, train_phase, weights_digest
 from defectvlm.train.phases import apply_phase, canonical
 from tests.conftest import REPO, write_params
@@ -39,6 +39,11 @@ def reloaded_digest(params, best: Path) -> str:
     return weights_digest([(canonical(n), p) for n, p in model.named_parameters() if p.requires_grad])
 
 
+def full_weights(best: Path) -> dict:
+    """The adapter's modules saved whole (PEFT modules_to_save), by base-model name."""
+    return {canonical(k): v for k, v in load_file(str(best / ADAPTER_FILE)).items() if ".lora_" not in k}
+
+
 def test_three_phases_chain_log_to_mlflow_and_describe_themselves(sft_dir, train_params):
     _, params = train_params()
     tracking = MlflowTracking(params, sft_dir)
@@ -49,14 +54,14 @@ def test_three_phases_chain_log_to_mlflow_and_describe_themselves(sft_dir, train
         for name in ("metrics.json", "trainable.json", "params.json", "phase.json"):
             assert (out / name).exists(), name
         best = out / "best"
-        for name in ("adapter_model.safetensors", "adapter_config.json", NON_LORA_FILE, "phase.json", "tokenizer.json"):
+        for name in (ADAPTER_FILE, "adapter_config.json", PROMPT_FILE, "phase.json", "tokenizer.json"):
             assert (best / name).exists(), name
         assert 0.5 < metrics["token_efficiency"] <= 1
         assert read(best / "phase.json")["starts_from"] == (
             None if number == 1 else str(out.parent / f"phase{number - 1}" / "best")
         )
         if number == 1:
-            phase1_projector = load_file(str(best / NON_LORA_FILE))
+            phase1_projector = full_weights(best)
             assert phase1_projector and all(k.startswith("model.visual.merger.") for k in phase1_projector)
 
     # phase 2 starts from phase 1's projector (carried over, not re-initialised)
@@ -67,7 +72,7 @@ def test_three_phases_chain_log_to_mlflow_and_describe_themselves(sft_dir, train
     for name, tensor in phase1_projector.items():
         assert torch.equal(loaded[name], tensor)
         assert not torch.equal(fresh_params[name], tensor)
-    phase3_weights = load_file(str(Path(params.train.output_dir) / "phase3" / "best" / NON_LORA_FILE))
+    phase3_weights = full_weights(Path(params.train.output_dir) / "phase3" / "best")
     assert any(k.startswith("model.visual.blocks.3.") for k in phase3_weights)
     assert not any(k.startswith(("model.visual.blocks.0.", "model.visual.blocks.2.")) for k in phase3_weights)
 

@@ -7,16 +7,15 @@ import json
 import time
 from pathlib import Path
 
-from defectvlm.config import LoraParams, ModelParams, Params, PhaseParams
+from defectvlm.config import Params
 from defectvlm.errors import StepFailure
 from defectvlm.evaluate.metrics import best_threshold, evaluate_rows
 from defectvlm.evaluate.report import write_gallery, write_plots, write_report
 from defectvlm.evaluate.scoring import generate_answers, image_scores, parse_answer, region_row, score_samples
+from defectvlm.inference.loading import load_model
 from defectvlm.io import read_jsonl, write_json_atomic, write_jsonl_atomic
-from defectvlm.models.families import get_family
 from defectvlm.models.loading import load_base
-from defectvlm.train.artifacts import load_trained, read_phase_info
-from defectvlm.train.phases import apply_phase
+from defectvlm.train.artifacts import read_phase_info
 
 INFERENCE_FILE = "inference.json"
 
@@ -38,16 +37,8 @@ def load_for_evaluation(params: Params, best: Path | None):
     """(model, processor) of a phase's best/, or of the untrained base when `best` is None."""
     if best is None:
         return load_base(params.model)
-    info = read_phase_info(best)
-    model_params = ModelParams(
-        family=info["family"], name_or_path=info["base"], min_pixels=info["min_pixels"], max_pixels=info["max_pixels"]
-    )
-    base, processor = load_base(model_params)
-    model = apply_phase(
-        base, get_family(info["family"]), PhaseParams(**info["phase_params"]), LoraParams(**info["lora"])
-    )
-    load_trained(model, best)
-    return model, processor
+    loaded = load_model(best)  # the one way to load a trained model
+    return loaded.model, loaded.processor
 
 
 def score_split(model, processor, samples: list[dict], classes: list[str], mode: str) -> tuple[list[dict], dict]:

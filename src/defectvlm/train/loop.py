@@ -30,13 +30,14 @@ from rich.console import Console
 from rich.table import Table
 
 from defectvlm.config import Params, PhaseParams, params_to_dict
+from defectvlm.data.sft import load_knowledge, load_templates
 from defectvlm.errors import StepFailure
 from defectvlm.evaluate.metrics import best_threshold
 from defectvlm.evaluate.scoring import score_samples
 from defectvlm.io import read_jsonl, write_json_atomic
 from defectvlm.models.families import get_family
 from defectvlm.models.loading import load_base
-from defectvlm.train.artifacts import load_trained, save_trained, trained_tensors
+from defectvlm.train.artifacts import load_trained, prompt_config, save_trained, trained_tensors
 from defectvlm.train.data import IGNORE_INDEX, Collator, SftDataset, batches, token_efficiency
 from defectvlm.train.phases import apply_phase, canonical, check_invariants, param_groups, trainable_table
 
@@ -187,6 +188,8 @@ def train_phase(params: Params, phase_number: int, sft_dir: Path, resume: bool =
     val_set, skipped_val = load_split(params, sft_dir, "val", processor)
     summary = sft_dir / "sft_summary.json"
     classes = json.loads(summary.read_text(encoding="utf-8"))["classes"] if summary.exists() else []
+    templates, knowledge = load_templates(params.sft), load_knowledge(params.sft)
+    prompt = prompt_config(params.sft, templates, knowledge, classes, train_set.samples)
     collate = Collator(processor)
     lengths = [item.length for item in train_set.items]
     micro_per_epoch = len(batches(lengths, params.train.batch_size, 0, 0, False)) // world
@@ -223,9 +226,8 @@ def train_phase(params: Params, phase_number: int, sft_dir: Path, resume: bool =
         best = state.best_metric
         if best is None or (value > best if params.train.greater_is_better else value < best):
             state.best_metric, state.best_step = value, step
-            save_best(
-                engine, out / BEST, processor, family, _phase_info(params, phase_number, start, family, step), rank
-            )
+            info = _phase_info(params, phase_number, start, family, step)
+            save_best(engine, out / BEST, processor, family, info, rank, prompt)
         state.history.append({"step": step, **metrics})
         _log({"step": step, **metrics}, logger, rank)
 
@@ -377,17 +379,17 @@ def validation_roi_f1(engine, processor, val_set: SftDataset, classes: list[str]
     return best_threshold([int(r["truth"] == "abnormal") for r in rows], [r["score"] for r in rows])[1]
 
 
-def save_best(engine, directory: Path, processor, family, info: dict, rank: int) -> None:
+def save_best(engine, directory: Path, processor, family, info: dict, rank: int, prompt: dict) -> None:
     """Write best/ from the engine's current weights (gathered when ZeRO-3 partitions them)."""
     model = engine.module
     trainable = [p for p in model.parameters() if p.requires_grad]
     with _gathered(engine, trainable):
         if rank == 0:
-            lora, non_lora = trained_tensors(model, family)
+            state, modules = trained_tensors(model, family)
     if rank == 0:
         tmp = directory.with_name(directory.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        save_trained(tmp, model, lora, non_lora, processor, info)
+        save_trained(tmp, model, state, modules, family, processor, info, prompt)
         shutil.rmtree(directory, ignore_errors=True)
         tmp.rename(directory)
     dist.barrier()

@@ -1,0 +1,74 @@
+"""`predict` images/s vs a per-image `generate` loop (the seeds' inference scripts), tiny model, CPU.
+
+    python benchmarks/bench_predict.py --model runs/phase3 --images data/raw/... [--limit 8]
+
+Both paths judge the same images and the same candidate regions (the default grid); the loop
+builds one prompt per region chunk and decodes greedily up to the answer's length, one image
+at a time, as the seeds do. Goal (issue 15): predict >= 5x the loop's images/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+from defectvlm.evaluate.scoring import generate_answers
+from defectvlm.inference.loading import load_model
+from defectvlm.inference.predict import predict_images, region_prompt_sample
+from defectvlm.inference.sources import find_images, grid_windows
+from defectvlm.train.data import load_image
+
+
+def generate_loop(loaded, images) -> None:
+    config, prompt = loaded.config, loaded.config.prompt
+    for path in images:
+        width, height = load_image(str(path)).size
+        boxes = [r.in_pixels(width, height) for r in grid_windows(width, height, prompt["window"])]
+        step = prompt["window"]["max_regions"]
+        for first in range(0, len(boxes), step):
+            chunk = boxes[first : first + step]
+            sample = region_prompt_sample(
+                path.name,
+                str(path),
+                width,
+                height,
+                chunk,
+                [("normal", None)] * len(chunk),
+                prompt,
+                config.family,
+                config.min_pixels,
+                config.max_pixels,
+            )
+            budget = len(loaded.processor.tokenizer(sample["messages"][2]["content"])["input_ids"]) + 1
+            generate_answers(loaded.model, loaded.processor, [sample], budget)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--images", required=True)
+    parser.add_argument("--limit", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args()
+    loaded = load_model(args.model, device="cpu")
+    images = find_images(args.images)[: args.limit]
+    threshold = loaded.config.threshold if loaded.config.threshold is not None else 0.5
+    predict_images(loaded, images[:1], None, threshold, args.batch_size, progress=False)  # warm-up
+    generate_loop(loaded, images[:1])
+    started = time.perf_counter()
+    predict_images(loaded, images, None, threshold, args.batch_size, progress=False)
+    predict_s = time.perf_counter() - started
+    started = time.perf_counter()
+    generate_loop(loaded, images)
+    loop_s = time.perf_counter() - started
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, load {os.getloadavg()}")
+    print(f"images: {len(images)}, torch threads: {__import__('torch').get_num_threads()}")
+    print(f"predict: {len(images) / predict_s:.2f} images/s ({predict_s:.1f} s)")
+    print(f"generate loop: {len(images) / loop_s:.2f} images/s ({loop_s:.1f} s)")
+    print(f"speed-up: {loop_s / predict_s:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

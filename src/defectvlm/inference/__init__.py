@@ -1,0 +1,1 @@
+"""Using a trained model: load_model, predict on new images, export a merged checkpoint."""

@@ -1,0 +1,190 @@
+"""defectvlm predict: the training prompt, every region source, unreadable images, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from defectvlm.inference.loading import load_model
+from defectvlm.inference.predict import region_prompt_sample
+from defectvlm.io import read_jsonl
+from defectvlm.train.data import load_image
+from tests.conftest import run_cli
+
+N_IMAGES = 3
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory, sft_dir) -> Path:
+    """Three test images and one file that is not an image."""
+    folder = tmp_path_factory.mktemp("line")
+    for sample in read_jsonl(sft_dir / "test.jsonl")[:N_IMAGES]:
+        shutil.copy(sample["images"][0], folder / Path(sample["images"][0]).name)
+    (folder / "broken.png").write_bytes(b"not a png at all")
+    return folder
+
+
+def good_names(images: Path) -> list[str]:
+    return sorted(p.name for p in images.iterdir() if p.name != "broken.png")
+
+
+def predict(out: Path, model: Path, *args) -> int:
+    return run_cli("predict", "--model", model, "--out", out, "--quiet", *args)
+
+
+def records(out: Path) -> dict[str, dict]:
+    return {Path(r["image"]).name: r for r in read_jsonl(out / "predictions.jsonl")}
+
+
+def test_the_prompt_is_built_by_the_training_code_byte_for_byte(trained, sft_dir):
+    _, processor, folder = trained
+    config = load_model(folder).config
+    for sample in read_jsonl(sft_dir / "test.jsonl")[:5]:
+        width, height = load_image(sample["images"][0]).size
+        regions = sample["meta"]["regions"]
+        built = region_prompt_sample(
+            sample["id"],
+            sample["images"][0],
+            width,
+            height,
+            [r["xyxy"] for r in regions],
+            [(r["label"], r["cls"]) for r in regions],
+            config.prompt,
+            config.family,
+            config.min_pixels,
+            config.max_pixels,
+        )
+        assert built["messages"] == sample["messages"]
+        render = processor.apply_chat_template
+        assert render(built["messages"], tokenize=False) == render(sample["messages"], tokenize=False)
+
+
+def test_folder_with_an_unreadable_image_default_grid_is_deterministic(trained, images, tmp_path):
+    folder = trained[2]
+    assert predict(tmp_path / "a", folder, "--images", images) == 0
+    found = records(tmp_path / "a")
+    assert len(found) == N_IMAGES + 1
+    assert found["broken.png"]["verdict"] == "unreadable" and "UnidentifiedImageError" in found["broken.png"]["reason"]
+    window = json.loads((folder / "prompt.json").read_text())["window"]
+    for name, record in found.items():
+        if name == "broken.png":
+            continue
+        assert record["verdict"] in ("abnormal", "normal") and record["threshold"] == 0.5
+        assert record["model"] == {"uri": str(folder), "version": None}
+        assert len(record["regions"]) > window["max_regions"]  # several prompts per image
+        assert record["score"] == max(r["p_abnormal"] for r in record["regions"])
+        assert all(0 <= r["xyxy"][0] < r["xyxy"][2] <= record["width"] for r in record["regions"])
+    assert predict(tmp_path / "b", folder, "--images", images) == 0
+    for name in ("predictions.jsonl", "predictions.csv", "report.html"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert "Unreadable images" in (tmp_path / "a" / "report.html").read_text()
+
+
+def test_glob_and_manifest_select_the_same_images(trained, images, tmp_path):
+    folder = trained[2]
+    names = good_names(images)[:2]
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps({"path": str(images / n)}) + "\n" for n in names), encoding="utf-8")
+    boxes = tmp_path / "boxes.jsonl"
+    boxes.write_text("".join(json.dumps({"image": n, "boxes": [{"xyxy": [1, 1, 20, 20]}]}) + "\n" for n in names))
+    assert predict(tmp_path / "m", folder, "--images", manifest, "--regions", boxes) == 0
+    assert sorted(records(tmp_path / "m")) == names
+    pattern = str(images / f"{names[0][:-6]}*")
+    assert predict(tmp_path / "g", folder, "--images", pattern, "--regions", boxes) == 0
+    assert sorted(records(tmp_path / "g")) == sorted(p.name for p in images.glob(Path(pattern).name))
+    assert names[0] in records(tmp_path / "g")
+
+
+def test_each_region_source_gives_its_boxes(trained, images, tmp_path):
+    folder = trained[2]
+    names = good_names(images)
+    size = {n: load_image(str(images / n)).size for n in names}
+    boxes = tmp_path / "boxes.jsonl"
+    boxes.write_text(
+        "".join(
+            json.dumps({"image": str(images / n), "boxes": [{"xyxy": [2, 3, 30, 40], "score": 0.9, "cls": "slag"}]})
+            + "\n"
+            for n in names
+        )
+    )
+    yolo = tmp_path / "yolo"
+    yolo.mkdir()
+    for n in names:
+        (yolo / f"{Path(n).stem}.txt").write_text("0 0.5 0.5 0.2 0.25 0.8\n1 0.2 0.2 0.1 0.1\n")
+    studio = tmp_path / "studio.json"
+    studio.write_text(
+        json.dumps(
+            [
+                {
+                    "data": {"image": f"/data/upload/1/{n}"},
+                    "annotations": [
+                        {
+                            "result": [
+                                {
+                                    "type": "rectanglelabels",
+                                    "value": {"x": 10, "y": 10, "width": 25, "height": 30, "rectanglelabels": ["slag"]},
+                                }
+                            ]
+                        }
+                    ],
+                }
+                for n in names
+            ]
+        )
+    )
+    for source, expected in (
+        (boxes, lambda w, h: [[2.0, 3.0, 30.0, 40.0]]),
+        (
+            yolo,
+            lambda w, h: [
+                [round(0.4 * w, 1), round(0.375 * h, 1), round(0.6 * w, 1), round(0.625 * h, 1)],
+                [round(0.15 * w, 1), round(0.15 * h, 1), round(0.25 * w, 1), round(0.25 * h, 1)],
+            ],
+        ),
+        (studio, lambda w, h: [[round(0.1 * w, 1), round(0.1 * h, 1), round(0.35 * w, 1), round(0.4 * h, 1)]]),
+    ):
+        out = tmp_path / f"out-{source.stem}"
+        assert predict(out, folder, "--images", images, "--regions", source) == 0, source
+        found = records(out)
+        for n in names:
+            got = [v for r in found[n]["regions"] for v in r["xyxy"]]
+            assert got == pytest.approx([v for box in expected(*size[n]) for v in box], abs=0.11), source
+    assert records(tmp_path / "out-yolo")[names[0]]["regions"][0]["proposal"]["score"] == 0.8
+
+
+@pytest.mark.parametrize(
+    ("boxes_line", "message"),
+    [
+        ('{"image": "X", "boxes": [{"xyxy": [0, 0, 99999, 10]}]}', "outside the"),
+        ('{"image": "X", "boxes": [{"xyxy": [0, 0, 10]}]}', "xyxy"),
+        ('{"image": "X", "boxes": [{"xyxy": [0, 0, 10, 10]}', "not valid JSON"),
+    ],
+)
+def test_bad_boxes_name_the_file_and_line(trained, images, tmp_path, capsys, boxes_line, message):
+    name = good_names(images)[0]
+    boxes = tmp_path / "boxes.jsonl"
+    boxes.write_text('{"image": "other.png", "boxes": []}\n' + boxes_line.replace("X", name) + "\n")
+    assert predict(tmp_path / "out", trained[2], "--images", images, "--regions", boxes) == 1
+    err = capsys.readouterr().err
+    assert f"{boxes}:2" in err and message in err and "Traceback" not in err
+
+
+def test_bad_model_images_and_sources_exit_with_a_message(trained, images, tmp_path, capsys, monkeypatch):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert predict(tmp_path / "o", tmp_path / "no-such-run", "--images", images) == 1
+    assert "no-such-run: no such folder" in capsys.readouterr().err
+    assert predict(tmp_path / "o", trained[2], "--images", empty) == 1
+    assert f"{empty}: no images found" in capsys.readouterr().err
+    assert predict(tmp_path / "o", trained[2], "--images", images, "--proposals", "detector") == 2
+    assert "not built yet" in capsys.readouterr().err
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    import mlflow
+
+    mlflow.MlflowClient(tracking_uri=store).create_registered_model("m")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    assert predict(tmp_path / "o", "models:/m@champion", "--images", images) == 1
+    assert "has no alias @champion of m" in capsys.readouterr().err
