@@ -36,10 +36,20 @@ SOURCES = sorted(
 
 # Read only under settings the recorded run does not use.
 CONDITIONAL = {
-    "ingest": {"labels.unknown_label"},  # a raw label missing from label_map
+    # a raw label missing from label_map; an Ultralytics tree's background image; a prediction-only task
+    "ingest": {"labels.unknown_label", "labels.background_images", "labels.use_predictions"},
     "split": {"split.group_depth", "split.group_regex"},  # group_by: parent_depth / regex
     "regions": {"regions.normal_decoys_per_image"},  # decoy_count: fixed
-    "sft": {"src/defectvlm/data/templates/en.yaml"},  # language: en
+    "sft": {  # language: en; format: swift | llamafactory | yolo
+        "src/defectvlm/data/templates/en.yaml",
+        "src/defectvlm/data/images.py",
+        "src/defectvlm/data/yolo_export.py",
+        "src/defectvlm/models/families.py",
+        "model.family",
+        "model.name_or_path",
+        "model.min_pixels",
+        "model.max_pixels",
+    },
     "train_phase3": {"train.phase1.enabled"},  # phase 2 disabled: phase 3 starts from phase 1
 }
 RECORD_STEPS = {"register"}  # its output is the MLflow record: the tracking code is part of the step

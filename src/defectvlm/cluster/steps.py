@@ -40,7 +40,7 @@ _CORE = tuple(_SRC + f for f in ("cli.py", "config.py", "io.py"))
 _DATA_KEYS = ("data.abnormal_root", "data.normal_root")
 _LABEL_KEYS = ("labels.format", "labels.coord_format", "labels.label_map")
 _SCAN_KEYS = ("ingest.verify", "ingest.image_extensions", "ingest.workers")
-_SCAN_CODE = tuple(_SRC + f for f in ("data/images.py", "data/ingest.py", "data/labels.py"))
+_SCAN_CODE = tuple(_SRC + f"data/{f}.py" for f in ("found", "images", "ingest", "labels", "pairing", "records"))
 _MODEL_CODE = tuple(_SRC + f"models/{f}.py" for f in ("families", "loading", "tiny"))
 _TRAIN_KEYS = tuple(
     f"train.{key}"
@@ -93,11 +93,18 @@ STEPS: dict[str, Step] = {
         ("regions", "model.family", "model.min_pixels", "model.max_pixels"),
         (*_CORE, _SRC + "data/regions.py", _SRC + "models/families.py", _SRC + "seeding.py"),
     ),
+    # a swift / llamafactory / yolo export writes images in the model family's frame
     "sft": Step(
         ("build-sft", "--in", "{in}", "--out", "{out}"),
-        ("sft",),
-        ("sft",),
-        (*_CORE, _SRC + "data/sft.py", _SRC + "data/templates", _SRC + "seeding.py"),
+        ("sft", "model"),
+        ("sft", "model.family", "model.name_or_path", "model.min_pixels", "model.max_pixels"),
+        (
+            *_CORE,
+            *(_SRC + f"data/{f}.py" for f in ("exports", "images", "sft", "yolo_export")),
+            _SRC + "models/families.py",
+            _SRC + "data/templates",
+            _SRC + "seeding.py",
+        ),
     ),
     **{f"train_phase{n}": _train(n) for n in (1, 2, 3)},
     "evaluate": Step(
