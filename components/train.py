@@ -10,6 +10,7 @@ def train_phase(
     model: dict,
     train: dict,
     tracking: dict,
+    sft: dict,
     trainjob: dict,
     cluster: dict,
     job_id: str,
@@ -26,7 +27,7 @@ def train_phase(
     earlier = {n: a.path for n, a in ((1, phase1), (2, phase2)) if a is not None}
     metrics = steps.train_phase(
         phase,
-        {"model": model, "train": train, "tracking": tracking},
+        {"model": model, "train": train, "tracking": tracking, "sft": sft},
         trainjob,
         cluster,
         conversations.path,

@@ -42,6 +42,7 @@ CONDITIONAL = {
     "regions": {"regions.normal_decoys_per_image"},  # decoy_count: fixed
     "sft": {  # language: en; format: swift | llamafactory | yolo
         "src/defectvlm/data/templates/en.yaml",
+        "src/defectvlm/data/exports.py",
         "src/defectvlm/data/images.py",
         "src/defectvlm/data/yolo_export.py",
         "src/defectvlm/models/families.py",

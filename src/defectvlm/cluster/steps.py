@@ -40,7 +40,7 @@ _CORE = tuple(_SRC + f for f in ("cli.py", "config.py", "io.py"))
 _DATA_KEYS = ("data.abnormal_root", "data.normal_root")
 _LABEL_KEYS = ("labels.format", "labels.coord_format", "labels.label_map")
 _SCAN_KEYS = ("ingest.verify", "ingest.image_extensions", "ingest.workers")
-_SCAN_CODE = tuple(_SRC + f"data/{f}.py" for f in ("found", "images", "ingest", "labels", "pairing", "records"))
+_SCAN_CODE = tuple(_SRC + f"data/{f}.py" for f in ("images", "ingest", "labels", "pairing"))
 _MODEL_CODE = tuple(_SRC + f"models/{f}.py" for f in ("families", "loading", "tiny"))
 _TRAIN_KEYS = tuple(
     f"train.{key}"
@@ -56,7 +56,12 @@ _TRAIN_CODE = (
     *_MODEL_CODE,
     *(_SRC + f"train/{f}.py" for f in ("artifacts", "data", "loop", "phases")),
     *(_SRC + f"evaluate/{f}.py" for f in ("metrics", "scoring")),
+    _SRC + "data/sft.py",
     _SRC + "data/templates",
+)
+# the adapter carries the prompt it was trained with (best/prompt.json), built from these
+_PROMPT_KEYS = tuple(
+    f"sft.{key}" for key in ("crop_size", "knowledge", "language", "region_encoding", "summary", "templates")
 )
 _PHASES_ENABLED = tuple(f"train.phase{n}.enabled" for n in (1, 2, 3))
 _TRACKING = ("model", "train", "tracking")
@@ -65,7 +70,8 @@ _TRACKING = ("model", "train", "tracking")
 def _train(n: int) -> Step:
     earlier = tuple(f"train.phase{k}.enabled" for k in range(1, n))  # where the phase starts from
     command = ("train", "--phase", str(n), "--in", "{in}")
-    return Step(command, _TRACKING, ("model", *_TRAIN_KEYS, f"train.phase{n}", *earlier), _TRAIN_CODE)
+    params = ("model", *_PROMPT_KEYS, *_TRAIN_KEYS, f"train.phase{n}", *earlier)
+    return Step(command, (*_TRACKING, "sft"), params, _TRAIN_CODE)
 
 
 STEPS: dict[str, Step] = {
@@ -79,7 +85,7 @@ STEPS: dict[str, Step] = {
         ("ingest", "--out", "{out}", "--quiet"),
         ("data", "labels", "ingest"),
         (*_DATA_KEYS, "labels", "ingest"),
-        (*_CORE, *_SCAN_CODE),
+        (*_CORE, *_SCAN_CODE, _SRC + "data/found.py", _SRC + "data/records.py"),
     ),
     "split": Step(
         ("split", "--in", "{in}", "--out", "{out}"),
@@ -115,6 +121,7 @@ STEPS: dict[str, Step] = {
             *_CORE,
             *_MODEL_CODE,
             *(_SRC + f"evaluate/{f}.py" for f in ("metrics", "report", "run", "scoring")),
+            _SRC + "inference/loading.py",
             *(_SRC + f"train/{f}.py" for f in ("artifacts", "data", "phases")),
             _SRC + "data/templates",
         ),
