@@ -159,7 +159,12 @@ class ModelParams:
     family: Literal["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl"] = param(
         "qwen2_5_vl", "Model family: decides the box coordinate frame and the image factor."
     )
-    name_or_path: str = param("tiny", "'tiny' (offline test model), a local path, or a hub id.")
+    name_or_path: str = param(
+        "tiny", "'tiny' (offline test model), 'tiny-random' (any family, random weights), a local path, or a hub id."
+    )
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = param(
+        "auto", "Attention kernel; auto: flash_attention_2 on CUDA when flash-attn is installed, else sdpa."
+    )
     min_pixels: int = param(56 * 56, "Smallest image area (pixels) after the processor's resize.")
     max_pixels: int = param(448 * 448, "Largest image area (pixels) after the processor's resize.")
 
@@ -246,7 +251,7 @@ class LoraParams:
 
     r: int = param(16, "LoRA rank.")
     alpha: int = param(32, "LoRA alpha (scale = alpha / r).")
-    dropout: float = param(0.05, "Dropout on the LoRA input.")
+    dropout: float = param(0.0, "Dropout on the LoRA input (0: +3.6 % speed and 7.5 GiB less on a 7B, RESULTS.md).")
 
     def __post_init__(self) -> None:
         if self.r < 1 or self.alpha < 1:

@@ -76,7 +76,6 @@ def slow_reference(model, processor, sample, vocab) -> dict[str, float]:
             continue
         cut = answer_start + answer.index(line) + len(match.group(1)) + 1  # before " abnormal"/" normal"
         inputs = processor(text=[text[:cut]], images=images, return_tensors="pt")
-        inputs.pop("mm_token_type_ids", None)
         logits = model(**inputs).logits[0, -1]
         scores[match.group(1)] = float(torch.softmax(logits[[vocab.abnormal, vocab.normal]], dim=0)[0])
     return scores

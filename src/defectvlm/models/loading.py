@@ -6,12 +6,20 @@ import torch
 
 from defectvlm.config import ModelParams
 from defectvlm.errors import StepFailure
+from defectvlm.models.attention import resolve_attn_implementation
 from defectvlm.models.families import get_family
 
 
 def load_base(model: ModelParams, qlora: bool = False):
     """(model, processor) for `model.name_or_path` with the configured pixel budget."""
     family = get_family(model.family)
+    attn_implementation = resolve_attn_implementation(model.attn_implementation)
+    if model.name_or_path == "tiny-random" and model.family != "qwen2_5_vl":
+        if qlora:
+            raise StepFailure("train.qlora needs a real checkpoint on a CUDA GPU; the tiny model trains in fp32")
+        from defectvlm.models.tiny_families import build_tiny_family
+
+        return build_tiny_family(model.family, model.min_pixels, model.max_pixels, attn_implementation)
     if model.name_or_path == "tiny":
         if model.family != "qwen2_5_vl":
             raise StepFailure("model.name_or_path 'tiny' is a qwen2_5_vl model; set model.family: qwen2_5_vl")
@@ -23,7 +31,10 @@ def load_base(model: ModelParams, qlora: bool = False):
 
     import transformers
 
-    kwargs = {"dtype": torch.bfloat16 if torch.cuda.is_available() else torch.float32}
+    kwargs = {
+        "dtype": torch.bfloat16 if torch.cuda.is_available() else torch.float32,
+        "attn_implementation": attn_implementation,
+    }
     if qlora:
         if not torch.cuda.is_available():
             raise StepFailure(
@@ -35,7 +46,7 @@ def load_base(model: ModelParams, qlora: bool = False):
     model_class = getattr(transformers, family.model_class)
     base = model_class.from_pretrained(model.name_or_path, **kwargs)
     processor = transformers.AutoProcessor.from_pretrained(
-        model.name_or_path, min_pixels=model.min_pixels, max_pixels=model.max_pixels
+        model.name_or_path, **family.processor_kwargs(model.min_pixels, model.max_pixels)
     )
     if qlora:
         from peft import prepare_model_for_kbit_training

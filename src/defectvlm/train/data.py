@@ -1,5 +1,8 @@
 """SFT samples -> model batches: images loaded upright, the processor's pixel budget, loss
 only on the assistant's answer, and length-grouped batches that keep padding low.
+
+Family-blind: image token counts come from the processor itself, the assistant's turn
+markers from the family table entry of the processor's family (`family_of`).
 """
 
 from __future__ import annotations
@@ -9,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image, ImageOps
-from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+from defectvlm.models.families import family_of
 
 IGNORE_INDEX = -100
 MEGA_BATCH = 32  # batches sorted by length together before their order is shuffled
@@ -62,30 +66,25 @@ class Encoded:
 class SftDataset(torch.utils.data.Dataset):
     """Native SFT samples; token lengths are known up front (from image headers) for batching."""
 
-    def __init__(self, samples: list[dict], processor, merge_size: int = 2):
+    def __init__(self, samples: list[dict], processor):
         self.samples = samples
         self.processor = processor
-        image_processor = processor.image_processor
-        patch = image_processor.patch_size
-        self.factor = patch * merge_size
-        self.min_pixels = image_processor.size["shortest_edge"]
-        self.max_pixels = image_processor.size["longest_edge"]
         self.items = [self._encode(s) for s in samples]
 
     def _encode(self, sample: dict) -> Encoded:
         text = self.processor.apply_chat_template(sample["messages"], tokenize=False)
         parts = image_parts(sample)
-        image_tokens = 0
+        sizes = []
         for part in parts:
             if "crop" in part:
-                width = height = part["size"]
+                sizes.append([part["size"], part["size"]])
             else:
                 with Image.open(part["image"]) as image:  # the header only
                     width, height = image.size[::-1] if _rotated(image) else image.size
-            h, w = smart_resize(
-                height, width, factor=self.factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels
-            )
-            image_tokens += (h // self.factor) * (w // self.factor) - 1  # minus the placeholder it replaces
+                sizes.append([height, width])
+        # the processor's own count (its resize or tiling); each replaces one placeholder token
+        counts = self.processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens if sizes else []
+        image_tokens = sum(count - 1 for count in counts)
         text_tokens = len(self.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
         return Encoded(text, parts, text_tokens + image_tokens)
 
@@ -102,13 +101,14 @@ def _rotated(image: Image.Image) -> bool:
 
 class Collator:
     """Encoded items -> tensors with labels = -100 everywhere except the assistant's answer
-    (its text and the closing <|im_end|>)."""
+    (its text and the token that closes the turn, both as the family's chat template writes them)."""
 
     def __init__(self, processor):
         self.processor = processor
         tokenizer = processor.tokenizer
-        self.header = tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
-        self.end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        family = family_of(processor)
+        self.header = tokenizer(family.assistant_header, add_special_tokens=False)["input_ids"]
+        self.end_id = tokenizer.convert_tokens_to_ids(family.turn_end)
 
     def __call__(self, items: list[Encoded]) -> dict[str, torch.Tensor]:
         images = []
@@ -117,8 +117,7 @@ class Collator:
             images += [load_part(part, cache) for part in item.images]
         batch = self.processor(text=[item.text for item in items], images=images, padding=True, return_tensors="pt")
         batch["labels"] = torch.stack([self.answer_labels(ids) for ids in batch["input_ids"]])
-        batch.pop("mm_token_type_ids", None)
-        return dict(batch)
+        return dict(batch)  # mm_token_type_ids included: without it Qwen's M-RoPE falls back to 1-D positions
 
     def answer_labels(self, input_ids: torch.Tensor) -> torch.Tensor:
         ids = input_ids.tolist()

@@ -46,7 +46,7 @@ def canonical(name: str) -> str:
 def classify(name: str, family: Family) -> ParamInfo:
     name = canonical(name)
     lora = ".lora_" in name
-    if name.startswith(family.projector + "."):
+    if any(name.startswith(projector + ".") for projector in family.projectors):
         return ParamInfo("projector", lora, None)
     if name.startswith(family.vision_blocks + "."):
         block = int(name[len(family.vision_blocks) + 1 :].split(".", 1)[0])

@@ -1,0 +1,71 @@
+"""Every family through phases 1-3 and the scoring pass (tiny, random, a few steps each)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from defectvlm.config import params_from_dict
+from defectvlm.evaluate.scoring import score_samples
+from defectvlm.io import read_jsonl
+from defectvlm.models.families import get_family
+from defectvlm.train.data import Collator, SftDataset, image_parts
+from defectvlm.train.phases import apply_phase, check_invariants, classify, param_groups
+from tests.models.conftest import FAMILIES, tiny
+
+pytestmark = pytest.mark.slow
+TRAIN = params_from_dict({}).train
+
+
+def few_image_samples(samples: list[dict], n: int = 2) -> list[dict]:
+    return sorted(samples, key=lambda s: (len(image_parts(s)), s["id"]))[:n]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_three_phases_train_exactly_their_parameters(name, family_sft):
+    family = get_family(name)
+    base, processor = tiny(name)
+    samples = few_image_samples(family_sft(name)[1])
+    dataset = SftDataset(samples, processor)
+    batch = Collator(processor)([dataset[i] for i in range(len(samples))])
+    initial = {k: v.detach().clone() for k, v in base.state_dict().items()}
+    n_blocks = len(base.get_submodule(family.vision_blocks))
+    for number in (1, 2, 3):
+        base.load_state_dict(initial)
+        phase = TRAIN.phase(number)
+        model = apply_phase(base, family, phase, TRAIN.lora)
+        check_invariants(model, family, number, phase)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        optimizer = torch.optim.AdamW(param_groups(model, family, phase))
+        model.train()
+        for _ in range(2):  # LoRA A only receives gradient once B has left zero
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert changed == trainable
+        infos = [classify(n, family) for n in changed]
+        expected = {("language_layers", True), ("projector", False)}
+        expected |= {("vision_blocks", True)} if phase.vision_lora_top_n else set()
+        expected |= {("vision_blocks", False)} if phase.unfreeze_top_k else set()
+        assert {(i.group, i.lora) for i in infos} == expected
+        top = set(range(n_blocks - max(phase.vision_lora_top_n, phase.unfreeze_top_k), n_blocks))
+        assert {i.block for i in infos if i.group == "vision_blocks"} <= top
+        for projector in family.projectors:  # every projector module trains (Qwen3-VL: deepstack too)
+            assert any(n.removeprefix("base_model.model.").startswith(projector + ".") for n in changed), projector
+        model.unload()
+    base.load_state_dict(initial)  # the cached tiny model leaves as it came
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_the_scoring_pass_runs_on_every_family(name, family_sft):
+    model, processor = tiny(name)
+    sft, _ = family_sft(name)
+    classes = json.loads((sft / "sft_summary.json").read_text(encoding="utf-8"))["classes"]
+    chosen = few_image_samples(read_jsonl(sft / "val.jsonl"))
+    rows = score_samples(model, processor, chosen, classes, batch_size=2)
+    assert len(rows) == sum(len(s["meta"]["regions"]) for s in chosen)
+    assert all(0 <= row["score"] <= 1 for row in rows)
