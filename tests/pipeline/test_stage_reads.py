@@ -53,6 +53,9 @@ CONDITIONAL = {
     },
     "train_phase3": {"train.phase1.enabled"},  # phase 2 disabled: phase 3 starts from phase 1
 }
+# a model.family other than qwen2_5_vl builds its tiny model there
+for _step in ("train_phase1", "train_phase2", "train_phase3", "evaluate"):
+    CONDITIONAL.setdefault(_step, set()).add("src/defectvlm/models/tiny_families.py")
 RECORD_STEPS = {"register"}  # its output is the MLflow record: the tracking code is part of the step
 
 

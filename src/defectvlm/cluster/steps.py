@@ -41,7 +41,7 @@ _DATA_KEYS = ("data.abnormal_root", "data.normal_root")
 _LABEL_KEYS = ("labels.format", "labels.coord_format", "labels.label_map")
 _SCAN_KEYS = ("ingest.verify", "ingest.image_extensions", "ingest.workers")
 _SCAN_CODE = tuple(_SRC + f"data/{f}.py" for f in ("images", "ingest", "labels", "pairing"))
-_MODEL_CODE = tuple(_SRC + f"models/{f}.py" for f in ("families", "loading", "tiny"))
+_MODEL_CODE = tuple(_SRC + f"models/{f}.py" for f in ("attention", "families", "loading", "tiny", "tiny_families"))
 _TRAIN_KEYS = tuple(
     f"train.{key}"
     for key in (

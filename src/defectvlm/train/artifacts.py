@@ -43,8 +43,8 @@ def fully_trained_modules(model: PeftModel, family: Family) -> list[str]:
         info = classify(name, family)
         if not parameter.requires_grad or info.lora:
             continue
-        if info.group == "projector":
-            modules.add(family.projector)
+        if info.group == "projector":  # Qwen3-VL has deepstack mergers beside the main one
+            modules.add(next(p for p in family.projectors if canonical(name).startswith(p + ".")))
         elif info.group == "vision_blocks":
             modules.add(f"{family.vision_blocks}.{info.block}")
         else:
@@ -85,7 +85,7 @@ def adapter_config(model: PeftModel, modules: list[str], family: Family):
     """The training LoraConfig with the fully trained modules saved whole and out of LoRA's reach."""
     config = copy.deepcopy(model.peft_config[ADAPTER_NAME])
     config.modules_to_save = modules or None
-    blocks = [m for m in modules if m != family.projector]
+    blocks = [m for m in modules if m not in family.projectors]
     config.exclude_modules = "|".join(rf"{re.escape(m)}\..+" for m in blocks) or None
     config.inference_mode = True
     return config
