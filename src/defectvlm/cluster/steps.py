@@ -122,7 +122,7 @@ STEPS: dict[str, Step] = {
             *_MODEL_CODE,
             *(_SRC + f"evaluate/{f}.py" for f in ("metrics", "report", "run", "scoring")),
             _SRC + "inference/loading.py",
-            *(_SRC + f"train/{f}.py" for f in ("artifacts", "data", "phases")),
+            *(_SRC + f"train/{f}.py" for f in ("artifacts", "data")),
             _SRC + "data/templates",
         ),
     ),
