@@ -16,6 +16,7 @@ from defectvlm.cluster.pipeline import add_arguments as add_pipeline_arguments
 from defectvlm.config import SPLITS, ConfigError, Params, field_docs, load_params, params_from_dict, params_to_dict
 from defectvlm.errors import StepFailure
 from defectvlm.io import read_jsonl, read_splits, write_json_atomic, write_jsonl_atomic, write_splits
+from defectvlm.serve.run import add_arguments as add_serve_arguments
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -267,6 +268,12 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from defectvlm.serve.run import serve_command
+
+    return serve_command(args, _load(args))
+
+
 def _print_ingest_summary(report: dict) -> None:
     table = Table("kind", "accepted", "repaired", "rejected", title="ingest")
     for kind, counts in report["counts_by_kind"].items():
@@ -375,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, help="max metric difference (default: registry.reproduce_tolerance)")
     p.add_argument("--out", help="write the comparison as JSON here")
     p.add_argument("--keep", action="store_true", help="keep the worktree even when everything matches")
+
+    p = step("serve", cmd_serve, "Serve the model over HTTP: inspection API, OpenAI chat, upload page, metrics.")
+    add_serve_arguments(p)
     return parser
 
 
