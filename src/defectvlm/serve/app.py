@@ -106,8 +106,15 @@ class Guard:
         log.info("%s %s -> %d in %.3f s", scope["method"], scope["path"], status["code"], elapsed)
 
 
+def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    """`detail` as FastAPI writes it, `error` as OpenAI clients read it."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    body = {"detail": message, "error": {"message": message, "type": kind, "code": status}}
+    return JSONResponse(body, status, headers=headers)
+
+
 def too_large(limits: ServeParams) -> JSONResponse:
-    return JSONResponse({"detail": f"body over serve.max_body_bytes ({limits.max_body_bytes} bytes)"}, 413)
+    return error(413, f"body over serve.max_body_bytes ({limits.max_body_bytes} bytes)")
 
 
 def bearer_check(token: str | None) -> Callable:
@@ -159,12 +166,12 @@ def create_app(limits: ServeParams, load: Callable[[], Scorer], follow: Callable
 
     @app.exception_handler(BadRequest)
     async def bad_request(request: Request, exc: BadRequest):
-        return JSONResponse({"detail": exc.message}, exc.status)
+        return error(exc.status, exc.message)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
         parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        return JSONResponse({"detail": "; ".join(parts)}, 422)
+        return error(422, "; ".join(parts))
 
     @app.exception_handler(BodyTooLarge)
     async def body_too_large(request: Request, exc: BodyTooLarge):
@@ -172,16 +179,16 @@ def create_app(limits: ServeParams, load: Callable[[], Scorer], follow: Callable
 
     @app.exception_handler(Unavailable)
     async def unavailable(request: Request, exc: Unavailable):
-        return JSONResponse({"detail": str(exc)}, 503, headers={"Retry-After": str(exc.retry_after)})
+        return error(503, str(exc), {"Retry-After": str(exc.retry_after)})
 
     @app.exception_handler(TimeoutError)
     async def timeout(request: Request, exc: TimeoutError):
-        return JSONResponse({"detail": f"no answer within serve.request_timeout_s ({limits.request_timeout_s} s)"}, 504)
+        return error(504, f"no answer within serve.request_timeout_s ({limits.request_timeout_s} s)")
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception):
         log.error("internal error on %s: %s", request.url.path, type(exc).__name__)
-        return JSONResponse({"detail": "internal error (see the service log)"}, 500)
+        return error(500, "internal error (see the service log)")
 
     @app.post("/v1/inspect", dependencies=authorized, openapi_extra=INSPECT_BODY)
     async def inspect(request: Request) -> dict:

@@ -76,6 +76,8 @@ def conversation(request: ChatRequest, limits: ServeParams) -> tuple[list[dict],
                 decode_image(data, limits, field=f"{where}.image_url")
                 parts.append({"type": "image", "image": io.BytesIO(data)})
         messages.append({"role": message.role, "content": parts})
+    if not any(isinstance(m["content"], list) and any(p["type"] == "image" for p in m["content"]) for m in messages):
+        raise BadRequest(422, "messages: no image_url part; this model judges an image")
     region_ids = sorted({f"R{n}" for text in texts for n in REGION_ID.findall(text)}, key=lambda r: int(r[1:]))
     return messages, region_ids
 
