@@ -17,6 +17,7 @@ from defectvlm.config import SPLITS, ConfigError, Params, field_docs, load_param
 from defectvlm.errors import StepFailure
 from defectvlm.io import read_jsonl, read_splits, write_json_atomic, write_jsonl_atomic, write_splits
 from defectvlm.serve.run import add_arguments as add_serve_arguments
+from defectvlm.serve.run import add_deploy_arguments
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -274,6 +275,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve_command(args, _load(args))
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from defectvlm.serve.run import deploy_command
+
+    return deploy_command(args, _load(args))
+
+
 def _print_ingest_summary(report: dict) -> None:
     table = Table("kind", "accepted", "repaired", "rejected", title="ingest")
     for kind, counts in report["counts_by_kind"].items():
@@ -385,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = step("serve", cmd_serve, "Serve the model over HTTP: inspection API, OpenAI chat, upload page, metrics.")
     add_serve_arguments(p)
+    add_deploy_arguments(step("deploy", cmd_deploy, "KServe InferenceService YAML for a registered version."))
     return parser
 
 

@@ -20,6 +20,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-follow", action="store_true", help="keep the version loaded at start-up")
 
 
+def add_deploy_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=("render",), help="render: write the KServe InferenceService YAML")
+    parser.add_argument("--model", required=True, help="models:/<name>@<alias> (pinned to its version) or /<version>")
+    parser.add_argument("--out", default="deploy", help="output folder (default: deploy)")
+    parser.add_argument("--export-uri", help="storage URI of the merged export: also write the vLLM variant")
+
+
+def deploy_command(args: argparse.Namespace, params: Params) -> int:
+    from pathlib import Path
+
+    from defectvlm.serve.deploy import render
+
+    for path in render(params, args.model, Path(args.out), args.export_uri):
+        print(path)
+    return 0
+
+
 def build_app(params: Params, uri: str, follow: bool = True):
     """The app for `uri`; a `models:/<name>@<alias>` URI is followed unless `follow` is False."""
     from defectvlm.serve.app import create_app
