@@ -85,25 +85,26 @@ class Guard:
             await send(message)
 
         length = dict(scope["headers"]).get(b"content-length")
-        if length and length.isdigit() and int(length) > self.limits.max_body_bytes:
-            response = too_large(self.limits)
-            await response(scope, receive, send_counted)
-        else:
-            seen = 0
+        seen = 0
 
-            async def receive_limited():
-                nonlocal seen
-                message = await receive()
-                seen += len(message.get("body", b""))
-                if seen > self.limits.max_body_bytes:
-                    raise BodyTooLarge()
-                return message
+        async def receive_limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limits.max_body_bytes:
+                raise BodyTooLarge()
+            return message
 
-            await self.app(scope, receive_limited, send_counted)
-        elapsed = time.perf_counter() - started
-        self.metrics.requests.labels(route=route, status=str(status["code"])).inc()
-        self.metrics.latency.labels(route=route).observe(elapsed)
-        log.info("%s %s -> %d in %.3f s", scope["method"], scope["path"], status["code"], elapsed)
+        try:
+            if length and length.isdigit() and int(length) > self.limits.max_body_bytes:
+                await too_large(self.limits)(scope, receive, send_counted)
+            else:
+                await self.app(scope, receive_limited, send_counted)
+        finally:  # an error that escapes the app (answered 500 by Starlette) is counted too
+            elapsed = time.perf_counter() - started
+            self.metrics.requests.labels(route=route, status=str(status["code"])).inc()
+            self.metrics.latency.labels(route=route).observe(elapsed)
+            log.info("%s %s -> %d in %.3f s", scope["method"], scope["path"], status["code"], elapsed)
 
 
 def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
