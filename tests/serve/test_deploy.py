@@ -18,9 +18,10 @@ SCHEMA = yaml.safe_load((REPO / "tests/serve/data/kserve_inferenceservice_v1beta
 NAME = "defectvlm-adapter"
 
 
-@pytest.fixture
-def registry(tmp_path):
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
     """A sqlite registry where @champion is version 2; params pointing at it."""
+    tmp_path = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
     client.create_registered_model(NAME)
