@@ -34,9 +34,16 @@ RUN if [ "$FLASH_ATTENTION" = 1 ]; then \
     fi
 COPY src ./src
 COPY configs ./configs
+COPY params.yaml ./
 RUN pip install -c constraints.txt . && defectvlm --help > /dev/null
 # The code's commit, for the lineage tags of runs made in this image (no .git inside).
 ARG GIT_COMMIT=""
 ENV DEFECTVLM_GIT_COMMIT=${GIT_COMMIT}
 
+# Serving (`defectvlm deploy render` runs this image under KServe; pipeline steps set their own
+# command): the inspection service on 8080, /healthz for Docker's health check.
+EXPOSE 8080
+HEALTHCHECK --interval=30s --timeout=5s --start-period=120s \
+  CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4)"
+CMD ["defectvlm", "serve", "--host", "0.0.0.0", "--port", "8080"]
 USER defectvlm

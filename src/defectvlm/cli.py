@@ -16,6 +16,8 @@ from defectvlm.cluster.pipeline import add_arguments as add_pipeline_arguments
 from defectvlm.config import SPLITS, ConfigError, Params, field_docs, load_params, params_from_dict, params_to_dict
 from defectvlm.errors import StepFailure
 from defectvlm.io import read_jsonl, read_splits, write_json_atomic, write_jsonl_atomic, write_splits
+from defectvlm.serve.run import add_arguments as add_serve_arguments
+from defectvlm.serve.run import add_deploy_arguments
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -272,6 +274,18 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from defectvlm.serve.run import serve_command
+
+    return serve_command(args, _load(args))
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from defectvlm.serve.run import deploy_command
+
+    return deploy_command(args, _load(args))
+
+
 def _print_ingest_summary(report: dict) -> None:
     table = Table("kind", "accepted", "repaired", "rejected", title="ingest")
     for kind, counts in report["counts_by_kind"].items():
@@ -384,6 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     from defectvlm.inference.cli import add_commands
 
     add_commands(step)
+    p = step("serve", cmd_serve, "Serve the model over HTTP: inspection API, OpenAI chat, upload page, metrics.")
+    add_serve_arguments(p)
+    add_deploy_arguments(step("deploy", cmd_deploy, "KServe InferenceService YAML for a registered version."))
     return parser
 
 

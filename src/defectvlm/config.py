@@ -449,6 +449,37 @@ class ClusterParams:
 
 
 @dataclass(frozen=True)
+class ServeParams:
+    """The HTTP service (`defectvlm serve`): limits, dynamic batching, auth and alias following."""
+
+    host: str = param("127.0.0.1", "Address to bind; 127.0.0.1 keeps the service off the network unless told.")
+    port: int = param(8000, "TCP port.")
+    max_batch_size: int = param(8, "Most images scored in one forward pass (1 turns batching off).")
+    max_wait_ms: float = param(10.0, "How long the first request of a batch waits for others to join it.")
+    queue_size: int = param(64, "Requests waiting at most; more are refused with 503 and Retry-After.")
+    request_timeout_s: float = param(30.0, "A request not answered within this many seconds gets 504.")
+    max_body_bytes: int = param(20_000_000, "Largest request body; larger uploads get 413 before they are read.")
+    max_image_pixels: int = param(40_000_000, "Largest image (width x height, from the header); larger get 413.")
+    max_boxes: int = param(32, "Most boxes in one request.")
+    default_grid: int = param(2, "Without boxes, the image is judged as a grid of N x N windows.")
+    max_new_tokens: int = param(256, "Largest answer of /v1/chat/completions (a request may ask for fewer).")
+    token_env: str = param("DEFECTVLM_SERVE_TOKEN", "Environment variable with the bearer token; unset: no auth.")
+    follow_interval_s: float = param(30.0, "How often a models:/name@alias model asks the registry if it moved.")
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            _fail("serve.port", f"must be within 1..65535, got {self.port}")
+        for key in ("max_batch_size", "queue_size", "max_body_bytes", "max_image_pixels", "max_boxes"):
+            if getattr(self, key) < 1:
+                _fail(f"serve.{key}", f"must be >= 1, got {getattr(self, key)}")
+        for key in ("max_wait_ms", "request_timeout_s", "follow_interval_s"):
+            if getattr(self, key) < 0:
+                _fail(f"serve.{key}", f"must be >= 0, got {getattr(self, key)}")
+        if not 1 <= self.default_grid <= 8 or self.max_new_tokens < 1:
+            _fail("serve.default_grid", "default_grid must be within 1..8 and max_new_tokens >= 1")
+
+
+@dataclass(frozen=True)
 class Params:
     """All parameters of a pipeline run (one section per step family)."""
 
@@ -464,6 +495,7 @@ class Params:
     registry: RegistryParams = param(RegistryParams(), "Model registry and promotion gates.")
     trainjob: TrainJobParams = param(TrainJobParams(), "Multi-node training (train.launcher: trainjob).")
     cluster: ClusterParams = param(ClusterParams(), "Kubeflow Pipelines: images, resources, secrets.")
+    serve: ServeParams = param(ServeParams(), "The inspection service (defectvlm serve).")
 
 
 # --- loading -------------------------------------------------------------------------

@@ -1,0 +1,75 @@
+"""The model as an MLflow pyfunc (models-from-code: MLflow stores this file and runs it to get
+the model), so `mlflow models serve -m models:/<name>@champion` answers with the same scoring
+pass as `defectvlm serve`.
+
+Input: a DataFrame with `image` (base64) and optional `boxes` (a JSON list of
+`{"xyxy": [...]}`, as /v1/inspect takes it). Output: one row per region with the image's index,
+the region's id, box, P(abnormal), verdict, class, class probabilities (JSON) and the version.
+The model config holds the served model's URI and the params it was registered with."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+
+COLUMNS = ("image_index", "region", "xyxy", "p_abnormal", "verdict", "cls", "class_probs", "version")
+
+
+class InspectionModel(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        from defectvlm.config import params_from_dict
+        from defectvlm.serve.model import load_scorer
+
+        config = context.model_config
+        self.params = params_from_dict(config["params"])
+        self.scorer = load_scorer(config["model"], self.params)
+
+    def predict(self, context, model_input, params=None):
+        import pandas as pd
+
+        from defectvlm.serve.inputs import BadRequest, check_image, decode_base64, parse_boxes_field
+
+        items = []
+        for index, record in enumerate(model_input.to_dict("records")):
+            boxes = record.get("boxes")
+            if isinstance(boxes, list):
+                boxes = json.dumps(boxes)
+            try:
+                boxes = parse_boxes_field(boxes if isinstance(boxes, str) else None)  # pandas has NaN for none
+                item = check_image(decode_base64(record["image"]), boxes, self.params.serve)
+            except BadRequest as exc:
+                raise mlflow.exceptions.MlflowException.invalid_parameter_value(f"row {index}: {exc.message}") from None
+            items.append(item)
+        rows = []
+        for index, result in enumerate(self.scorer.score(items) if items else []):
+            for region in result["regions"]:
+                rows.append(
+                    {
+                        "image_index": index,
+                        "region": region["id"],
+                        "xyxy": region["xyxy"],
+                        "p_abnormal": region["p_abnormal"],
+                        "verdict": region["verdict"],
+                        "cls": region["cls"],
+                        "class_probs": json.dumps(region["class_probs"], sort_keys=True),
+                        "version": result["model"]["version"],
+                    }
+                )
+        return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+def log_inspection_model(model_uri: str, params, name: str = "inspection"):
+    """Log the pyfunc into the active MLflow run; returns MLflow's ModelInfo."""
+    from defectvlm.config import params_to_dict
+
+    return mlflow.pyfunc.log_model(
+        name=name,
+        python_model=str(Path(__file__)),
+        model_config={"model": model_uri, "params": params_to_dict(params)},
+        pip_requirements=["defectvlm"],  # what the serving image installs; also skips MLflow's inference run
+    )
+
+
+mlflow.models.set_model(InspectionModel())
