@@ -1,6 +1,7 @@
 """`defectvlm <step>`: one subcommand per step. Each reads its inputs, calls the step's
 function with parameters from params.yaml (plus `-S key=value` overrides), and writes
-its outputs atomically. Exit codes: 0 ok, 1 the data breaks a rule, 2 bad parameters."""
+its outputs atomically. Exit codes: 0 ok, 1 the data (or a file, disk, server) breaks a rule,
+2 bad parameters: a message names the file or setting and the fix; --debug adds the traceback."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from rich.table import Table
 
 from defectvlm.cluster.pipeline import add_arguments as add_pipeline_arguments
 from defectvlm.config import SPLITS, ConfigError, Params, field_docs, load_params, params_from_dict, params_to_dict
-from defectvlm.errors import StepFailure
+from defectvlm.errors import StepFailure, report_failure
 from defectvlm.io import read_jsonl, read_splits, write_json_atomic, write_jsonl_atomic, write_splits
 
 console = Console(stderr=True, soft_wrap=True)
@@ -285,6 +286,8 @@ def _print_ingest_summary(report: dict) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="defectvlm", description=__doc__)
+    debug_help = "on an error, show the traceback too (or set DEFECTVLM_DEBUG=1)"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def step(name: str, func, help_text: str) -> argparse.ArgumentParser:
@@ -293,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "-S", "--set", action="append", metavar="KEY=VALUE", help="override a parameter, e.g. -S ingest.workers=1"
         )
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
         p.set_defaults(func=func)
         return p
 
@@ -305,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-normal", type=int, default=120)
     p.add_argument("--label-format", choices=("semicolon", "yolo", "labelstudio"), default="semicolon")
     p.add_argument("--workers", type=int, default=2, help="processes (output is identical for any number)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     p.set_defaults(func=cmd_demo_data)
 
     p = step("scan-labels", cmd_scan_labels, "Label distribution, box sizes, and a label_map block to paste.")
@@ -382,12 +387,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as exc:
-        console.print(f"[red]parameter error[/]: {exc}", highlight=False)
-        return 2
-    except StepFailure as exc:
-        console.print(f"[red]error[/]: {exc}", highlight=False)
-        return 1
+    except BaseException as exc:
+        code = report_failure(exc, lambda: params_to_dict(_load(args)), getattr(args, "debug", False), console)
+        if code is None:
+            raise
+        return code
 
 
 if __name__ == "__main__":
