@@ -221,8 +221,9 @@ def cmd_register(args: argparse.Namespace) -> int:
         raise StepFailure("the untrained base is not registered: name a trained phase with --run")
     registration = register(params, best, Path(args.reports), Path(args.input))
     write_json_atomic(args.out, {**vars(registration), "alias": CANDIDATE})
+    moved = "" if registration.candidate == registration.version else f", kept on v{registration.candidate}: later run"
     console.print(
-        f"registered {best} as {registration.name} v{registration.version} (@{CANDIDATE}); "
+        f"registered {best} as {registration.name} v{registration.version} (@{CANDIDATE}{moved}); "
         f"pipeline run {registration.pipeline_run_id}"
     )
     return 0
@@ -232,7 +233,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     from defectvlm.tracking.registry import promote
 
     params = _load(args)
-    record = promote(params, args.alias, args.version, force=args.force, reason=args.reason or "")
+    record = promote(params, args.alias, args.version, args.force, args.reason or "", Path(args.input))
     console.print(
         f"{params.registry.model_name} v{record['version']} is now @{args.alias} "
         + (f"(was v{record['previous']})" if record["previous"] else "(the first)")
@@ -373,6 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", help="version to promote (default: the @candidate)")
     p.add_argument("--force", action="store_true", help="promote despite refusals (needs --reason; recorded)")
     p.add_argument("--reason", help="why (recorded in the registry's tags)")
+    p.add_argument("--in", dest="input", default="data/04_sft", help="the SFT folder the version was tested on")
 
     p = step("reproduce", cmd_reproduce, "Re-run a recorded pipeline run from its commit and data version; compare.")
     p.add_argument("--run-id", required=True, help="the pipeline's MLflow run id (or any of its step runs)")
