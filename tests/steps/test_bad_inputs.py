@@ -119,6 +119,23 @@ def test_malformed_label_files_are_rejected_by_name_not_crashed_on(tmp_path, cap
     assert entry["status"] == "rejected" and "bad_json" in entry["reasons"]
 
 
+def test_a_malformed_yolo_data_yaml_rejects_its_labels_by_name(tmp_path, capsys):
+    raw = tmp_path / "raw"
+    assert run_cli("demo-data", "--out", raw, "--n-abnormal", 4, "--n-normal", 2, "--label-format", "yolo") == 0
+    for names in raw.rglob("classes.txt"):
+        names.unlink()
+        (names.parent / "data.yaml").write_text("names: [scratch, dent\n", encoding="utf-8")
+    params = write_params(
+        tmp_path / "params.yaml",
+        {"data": {"abnormal_root": str(raw / "abnormal_root"), "normal_root": str(raw / "normal_root")}},
+    )
+    run_cli("ingest", "--params", params, "--out", tmp_path / "out", "--quiet")
+    assert "Traceback" not in capsys.readouterr().err
+    report = read_json(tmp_path / "out" / "ingest_report.json")
+    rejected = [f for f in report["files"] if f["path"].endswith("data.yaml")]
+    assert rejected and all(f["status"] == "rejected" and "no_class_names" in f["reasons"] for f in rejected)
+
+
 def _train_with_deepspeed(tmp_path, sft_dir, config_text: str) -> int:
     config = tmp_path / "ds.json"
     config.write_text(config_text, encoding="utf-8")
