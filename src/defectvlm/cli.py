@@ -220,10 +220,11 @@ def cmd_register(args: argparse.Namespace) -> int:
     if best is None:
         raise StepFailure("the untrained base is not registered: name a trained phase with --run")
     registration = register(params, best, Path(args.reports), Path(args.input))
-    write_json_atomic(args.out, {**vars(registration), "alias": CANDIDATE})
-    moved = "" if registration.candidate == registration.version else f", kept on v{registration.candidate}: later run"
+    moved = registration.candidate == str(registration.version)
+    write_json_atomic(args.out, {**vars(registration), "alias": CANDIDATE if moved else None})
+    where = f"@{CANDIDATE}" if moved else f"@{CANDIDATE} stays on v{registration.candidate}, from a later pipeline run"
     console.print(
-        f"registered {best} as {registration.name} v{registration.version} (@{CANDIDATE}{moved}); "
+        f"registered {best} as {registration.name} v{registration.version} ({where}); "
         f"pipeline run {registration.pipeline_run_id}"
     )
     return 0
@@ -287,8 +288,7 @@ def _print_ingest_summary(report: dict) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="defectvlm", description=__doc__)
-    debug_help = "on an error, show the traceback too (or set DEFECTVLM_DEBUG=1)"
-    parser.add_argument("--debug", action="store_true", help=debug_help)
+    parser.add_argument("--debug", action="store_true", help="on an error, add the traceback (or DEFECTVLM_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def step(name: str, func, help_text: str) -> argparse.ArgumentParser:
@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "-S", "--set", action="append", metavar="KEY=VALUE", help="override a parameter, e.g. -S ingest.workers=1"
         )
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="on an error, add the traceback")
         p.set_defaults(func=func)
         return p
 
@@ -310,7 +310,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-normal", type=int, default=120)
     p.add_argument("--label-format", choices=("semicolon", "yolo", "labelstudio"), default="semicolon")
     p.add_argument("--workers", type=int, default=2, help="processes (output is identical for any number)")
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     p.set_defaults(func=cmd_demo_data)
 
     p = step("scan-labels", cmd_scan_labels, "Label distribution, box sizes, and a label_map block to paste.")

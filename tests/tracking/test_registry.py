@@ -238,5 +238,7 @@ def test_candidate_never_moves_back_to_an_older_pipeline_runs_version(on_server)
     late = register(on_server, roi_f1=0.9, auroc=0.9)  # A's slow registration finishing last
     assert int(late) > int(newer) > int(older)
     assert c.get_model_version_by_alias(NAME, "candidate").version == newer
+    registration = read_json(on_server / "reports_0.9_0.9_sft" / "registration.json")
+    assert registration["candidate"] == str(newer) and registration["alias"] is None
     again = register(on_server, 0.7, 0.8, "sft", "-S", "train.seed=7")  # B's next registration moves it on
     assert c.get_model_version_by_alias(NAME, "candidate").version == again
