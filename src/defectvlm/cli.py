@@ -1,6 +1,7 @@
 """`defectvlm <step>`: one subcommand per step. Each reads its inputs, calls the step's
 function with parameters from params.yaml (plus `-S key=value` overrides), and writes
-its outputs atomically. Exit codes: 0 ok, 1 the data breaks a rule, 2 bad parameters."""
+its outputs atomically. Exit codes: 0 ok, 1 the data (or a file, disk, server) breaks a rule,
+2 bad parameters: a message names the file or setting and the fix; --debug adds the traceback."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from rich.table import Table
 
 from defectvlm.cluster.pipeline import add_arguments as add_pipeline_arguments
 from defectvlm.config import SPLITS, ConfigError, Params, field_docs, load_params, params_from_dict, params_to_dict
-from defectvlm.errors import StepFailure
+from defectvlm.errors import StepFailure, report_failure
 from defectvlm.io import read_jsonl, read_splits, write_json_atomic, write_jsonl_atomic, write_splits
 from defectvlm.serve.run import add_arguments as add_serve_arguments
 from defectvlm.serve.run import add_deploy_arguments
@@ -226,9 +227,11 @@ def cmd_register(args: argparse.Namespace) -> int:
     if best is None:
         raise StepFailure("the untrained base is not registered: name a trained phase with --run")
     registration = register(params, best, Path(args.reports), Path(args.input))
-    write_json_atomic(args.out, {**vars(registration), "alias": CANDIDATE})
+    moved = registration.candidate == str(registration.version)
+    write_json_atomic(args.out, {**vars(registration), "alias": CANDIDATE if moved else None})
+    where = f"@{CANDIDATE}" if moved else f"@{CANDIDATE} stays on v{registration.candidate}, from a later pipeline run"
     console.print(
-        f"registered {best} as {registration.name} v{registration.version} (@{CANDIDATE}); "
+        f"registered {best} as {registration.name} v{registration.version} ({where}); "
         f"pipeline run {registration.pipeline_run_id}"
     )
     return 0
@@ -238,7 +241,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     from defectvlm.tracking.registry import promote
 
     params = _load(args)
-    record = promote(params, args.alias, args.version, force=args.force, reason=args.reason or "")
+    record = promote(params, args.alias, args.version, args.force, args.reason or "", Path(args.input))
     console.print(
         f"{params.registry.model_name} v{record['version']} is now @{args.alias} "
         + (f"(was v{record['previous']})" if record["previous"] else "(the first)")
@@ -304,6 +307,7 @@ def _print_ingest_summary(report: dict) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="defectvlm", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="on an error, add the traceback (or DEFECTVLM_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def step(name: str, func, help_text: str) -> argparse.ArgumentParser:
@@ -312,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(
             "-S", "--set", action="append", metavar="KEY=VALUE", help="override a parameter, e.g. -S ingest.workers=1"
         )
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="on an error, add the traceback")
         p.set_defaults(func=func)
         return p
 
@@ -387,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", help="version to promote (default: the @candidate)")
     p.add_argument("--force", action="store_true", help="promote despite refusals (needs --reason; recorded)")
     p.add_argument("--reason", help="why (recorded in the registry's tags)")
+    p.add_argument("--in", dest="input", default="data/04_sft", help="the SFT folder the version was tested on")
 
     p = step("reproduce", cmd_reproduce, "Re-run a recorded pipeline run from its commit and data version; compare.")
     p.add_argument("--run-id", required=True, help="the pipeline's MLflow run id (or any of its step runs)")
@@ -408,12 +414,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as exc:
-        console.print(f"[red]parameter error[/]: {exc}", highlight=False)
-        return 2
-    except StepFailure as exc:
-        console.print(f"[red]error[/]: {exc}", highlight=False)
-        return 1
+    except BaseException as exc:
+        code = report_failure(exc, lambda: params_to_dict(_load(args)), getattr(args, "debug", False), console)
+        if code is None:
+            raise
+        return code
 
 
 if __name__ == "__main__":

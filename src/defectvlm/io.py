@@ -1,4 +1,5 @@
-"""Atomic file writes: every output appears whole or not at all (temp file + rename)."""
+"""Atomic file writes: every output appears whole or not at all (temp file + rename); reads
+of JSON / YAML files whose errors name the file (and the setting that points at it)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
             handle.write(data)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files private; outputs get the usual mode
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk fails inside write(), which does not say which file
+        Path(tmp).unlink(missing_ok=True)
+        raise type(exc)(exc.errno, exc.strerror, exc.filename or str(path)) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -56,6 +60,37 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     except OSError as exc:
         raise StepFailure(f"{path}: cannot read ({exc.strerror}); did the step that writes it run?") from None
     return records
+
+
+def _source(path: str | Path, setting: str) -> str:
+    return f"{path} ({setting})" if setting else str(path)
+
+
+def read_json_file(path: str | Path, setting: str = "") -> Any:
+    """A JSON file; a missing or malformed file is a StepFailure naming it and its setting."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise StepFailure(f"{_source(path, setting)}: cannot read ({exc.strerror}): fix the path") from None
+    except json.JSONDecodeError as exc:
+        raise StepFailure(
+            f"{_source(path, setting)}:{exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno}): fix the file"
+        ) from None
+
+
+def read_yaml_file(path: str | Path, setting: str = "") -> Any:
+    """A YAML file; a missing or malformed file is a StepFailure naming it and its setting."""
+    import yaml
+
+    try:
+        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise StepFailure(f"{_source(path, setting)}: cannot read ({exc.strerror}): fix the path") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise StepFailure(f"{_source(path, setting)}{line}: not valid YAML ({problem}): fix the file") from None
 
 
 def read_splits(folder: str | Path, names: Iterable[str]) -> dict[str, list[dict[str, Any]]]:

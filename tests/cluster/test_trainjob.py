@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 from types import SimpleNamespace
 
 import pytest
@@ -100,21 +102,48 @@ def test_trainjob_image_param_overrides_the_pipeline_image():
     )
 
 
-class FakeCustomObjects:
-    """CustomObjectsApi's TrainJob calls; returns the scripted statuses one poll at a time."""
+class ApiError(Exception):
+    """What kubernetes' ApiException carries that the code reads: the HTTP status."""
 
-    def __init__(self, statuses: list[dict]):
+    def __init__(self, status: int):
+        super().__init__(f"HTTP {status}")
+        self.status = status
+
+
+class FakeCustomObjects:
+    """CustomObjectsApi's TrainJob calls: one namespace's jobs by name (create answers 409 for
+    a taken name, as the API server does); `get` returns the scripted statuses one poll at a time."""
+
+    def __init__(self, statuses: list[dict], fail_get_at: int | None = None):
         self.statuses = statuses
+        self.fail_get_at = fail_get_at
         self.gets = 0
+        self.jobs: dict[str, dict] = {}
+        self.created = []
         self.deleted = []
+        self.patches = []
+
+    def create_namespaced_custom_object(self, group, version, namespace, plural, body):
+        name = body["metadata"]["name"]
+        if name in self.jobs:
+            raise ApiError(409)
+        self.jobs[name] = json.loads(json.dumps(body))
+        self.created.append((namespace, name))
 
     def get_namespaced_custom_object(self, group, version, namespace, plural, name):
         assert (group, version, plural) == ("trainer.kubeflow.org", "v1alpha1", "trainjobs")
+        if self.gets == self.fail_get_at:
+            raise ApiError(500)
         status = self.statuses[min(self.gets, len(self.statuses) - 1)]
         self.gets += 1
-        return {"metadata": {"name": name, "namespace": namespace}, "status": status}
+        return {**self.jobs.get(name, {"metadata": {"name": name, "namespace": namespace}}), "status": status}
+
+    def patch_namespaced_custom_object(self, group, version, namespace, plural, name, body):
+        self.patches.append(body)
+        self.jobs[name]["metadata"].update(body["metadata"])
 
     def delete_namespaced_custom_object(self, group, version, namespace, plural, name):
+        self.jobs.pop(name, None)
         self.deleted.append((namespace, name))
 
 
@@ -191,8 +220,8 @@ def test_train_step_with_the_trainjob_launcher_runs_the_phase_command_on_the_wor
     """What the trainer pods would write (best/, metrics, checkpoints) becomes the step's adapter, minus checkpoints."""
     launched = []
 
-    def fake_run_trainjob(params, cluster, phase, argv, image):
-        launched.append((params, phase, argv, image))
+    def fake_run_trainjob(params, cluster, phase, argv, image, pipeline_run):
+        launched.append((params, phase, argv, image, pipeline_run))
         out = tmp_path / "ws" / "runs" / "job1" / f"phase{phase}"
         (out / "best").mkdir(parents=True)
         (out / "best" / "adapter_model.safetensors").write_bytes(b"w")
@@ -221,7 +250,8 @@ def test_train_step_with_the_trainjob_launcher_runs_the_phase_command_on_the_wor
         str(adapter),
     )
 
-    ((params, phase, argv, image),) = launched
+    ((params, phase, argv, image, pipeline_run),) = launched
+    assert pipeline_run == "job1"  # the TrainJob is named after the pipeline run
     run = tmp_path / "ws" / "runs" / "job1"
     assert params.num_nodes == 3 and phase == 2 and image == "reg.local/defectvlm-train:0.1.0"
     assert argv == ["train", "--phase", "2", "--in", str(run / "sft"), "--params", str(run / "params_phase2.yaml")]
@@ -236,3 +266,85 @@ def test_section_numbers_from_kfp_come_back_as_ints():
     params = steps.params_from_sections({"train": {"batch_size": 2.0, "phase1": {"max_steps": 5.0, "epochs": 2.0}}})
     assert params.train.batch_size == 2 and isinstance(params.train.batch_size, int)
     assert isinstance(params.train.phase1.max_steps, int) and params.train.phase1.epochs == 2.0
+
+
+def test_trainjob_name_is_the_same_for_a_pipeline_run_and_phase_and_a_valid_label():
+    name = trainjob.trainjob_name("4f1c9a2e-77b0-4e3b-9d8a-0b7a1c2d3e4f", 2)
+    assert name == trainjob.trainjob_name("4f1c9a2e-77b0-4e3b-9d8a-0b7a1c2d3e4f", 2)
+    assert name != trainjob.trainjob_name("4f1c9a2e-77b0-4e3b-9d8a-0b7a1c2d3e4f", 3)
+    assert name != trainjob.trainjob_name("5f1c9a2e-77b0-4e3b-9d8a-0b7a1c2d3e4f", 2)
+    for run in ("4f1c9a2e-77b0-4e3b-9d8a-0b7a1c2d3e4f", "Run_With.ODD/chars" * 9, "---"):
+        label = trainjob.trainjob_name(run, 1)
+        assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", label) and len(label) <= 63, label
+
+
+POD_ENV = {"KFP_POD_NAME": "finetune-abc-train-1234", "KFP_POD_UID": "0d7c-uid"}
+
+
+@pytest.fixture
+def in_pod(tmp_path, monkeypatch):
+    """This process as the train step's pod in namespace `ml`, named by the downward API."""
+    namespace_file = tmp_path / "namespace"
+    namespace_file.write_text("ml\n")
+    monkeypatch.setattr(trainjob, "SERVICE_ACCOUNT_NAMESPACE", namespace_file)
+    for key, value in POD_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(trainjob.time, "sleep", lambda s: None)
+
+
+def _run(custom, core):
+    params = TrainJobParams(timeout_hours=1.0)
+    return trainjob.run_trainjob(params, ClusterParams(), 1, ARGV, "img", "run-42", apis=(custom, core))
+
+
+def test_a_retried_step_attaches_to_the_running_trainjob_instead_of_starting_a_second_writer(in_pod):
+    name = trainjob.trainjob_name("run-42", 1)
+    earlier_owner = {"apiVersion": "v1", "kind": "Pod", "name": "try-1", "uid": "uid-1", "controller": False}
+    custom = FakeCustomObjects([{}, {}, _condition("Complete")])
+    custom.jobs[name] = {"metadata": {"name": name, "ownerReferences": [earlier_owner]}}  # the first try's job
+
+    job = _run(custom, FakeCore({}))
+    assert not custom.created  # one job, one writer of runs/<run>/phase1/checkpoints
+    assert job["status"]["conditions"][-1]["type"] == "Complete" and not custom.deleted
+    (patch,) = custom.patches  # the retry's pod owns it too, so it lives while either pod does
+    assert [o["uid"] for o in patch["metadata"]["ownerReferences"]] == ["uid-1", "0d7c-uid"]
+
+
+def test_a_retry_after_a_failed_trainjob_replaces_it(in_pod):
+    name = trainjob.trainjob_name("run-42", 1)
+    custom = FakeCustomObjects([_condition("Failed", "OOMKilled"), {}, _condition("Complete")])
+    custom.jobs[name] = {"metadata": {"name": name}}
+    custom.created.append(("ml", name))
+    _run(custom, FakeCore({}))
+    assert custom.created == [("ml", name), ("ml", name)] and custom.deleted == [("ml", name)]
+
+
+def test_the_manifest_is_owned_by_the_steps_pod_when_the_downward_api_names_it(in_pod):
+    custom = FakeCustomObjects([_condition("Complete")])
+    _run(custom, FakeCore({}))
+    (job,) = custom.jobs.values()
+    assert job["metadata"]["ownerReferences"] == [
+        {"apiVersion": "v1", "kind": "Pod", "name": "finetune-abc-train-1234", "uid": "0d7c-uid", "controller": False}
+    ]
+    assert trainjob.owner_reference("ml", "other-namespace", POD_ENV) is None  # owners must share the namespace
+    assert trainjob.owner_reference("ml", "ml", {}) is None
+
+
+@pytest.mark.parametrize("how", ["interrupt", "sigterm", "api-error"])
+def test_cancellation_or_a_polling_error_deletes_the_trainjob(in_pod, monkeypatch, how):
+    custom = FakeCustomObjects([{}], fail_get_at=2 if how == "api-error" else None)
+    polls = []
+
+    def sleep(seconds):
+        polls.append(seconds)
+        if len(polls) == 2 and how == "interrupt":
+            raise KeyboardInterrupt
+        if len(polls) == 2 and how == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(trainjob.time, "sleep", sleep)
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt if how != "api-error" else ApiError):
+        _run(custom, FakeCore({}))
+    assert custom.deleted == [("ml", trainjob.trainjob_name("run-42", 1))] and not custom.jobs
+    assert signal.getsignal(signal.SIGTERM) is previous

@@ -280,7 +280,7 @@ def train_phase(
 
         resolved = params_from_sections({"cluster": cluster, "trainjob": trainjob})
         train_image = image("train", resolved.cluster.image_registry)
-        run_trainjob(resolved.trainjob, resolved.cluster, phase, argv, train_image)
+        run_trainjob(resolved.trainjob, resolved.cluster, phase, argv, train_image, job_id)
     else:
         run_training(argv)
     if out.exists():

@@ -176,7 +176,12 @@ def parse_class_names(text: str, is_yaml: bool) -> list[str]:
         return [line.strip() for line in text.splitlines() if line.strip()]
     import yaml
 
-    names = (yaml.safe_load(text) or {}).get("names")
+    try:
+        loaded = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise LabelError("no_class_names", f"not valid YAML: {exc}", mark.line + 1 if mark else 0) from None
+    names = loaded.get("names") if isinstance(loaded, dict) else None
     if isinstance(names, dict):
         try:
             by_number = {int(k): str(v) for k, v in names.items()}

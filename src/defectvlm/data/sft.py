@@ -18,12 +18,12 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
 
 import yaml
 
 from defectvlm.config import SPLITS, TASKS, SftParams
 from defectvlm.errors import StepFailure
+from defectvlm.io import read_yaml_file
 from defectvlm.seeding import item_rng
 
 
@@ -33,9 +33,12 @@ class SftResult:
     summary: dict
 
 
-def load_yaml_resource(path: str, builtin: str) -> dict:
+def load_yaml_resource(path: str, builtin: str, setting: str = "") -> dict:
     if path:
-        return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        loaded = read_yaml_file(path, setting)
+        if not isinstance(loaded, dict):
+            raise StepFailure(f"{path} ({setting}): expected a YAML mapping, got {type(loaded).__name__}")
+        return loaded
     return yaml.safe_load(resources.files("defectvlm.data").joinpath("templates", builtin).read_text("utf-8"))
 
 
@@ -55,7 +58,7 @@ ANSWER_TEXTS = (
 def load_templates(params: SftParams) -> dict:
     """The template set, checked: a missing key or a non-text entry names the file and key."""
     source = params.templates or f"built-in {params.language}.yaml"
-    templates = load_yaml_resource(params.templates, f"{params.language}.yaml")
+    templates = load_yaml_resource(params.templates, f"{params.language}.yaml", "sft.templates")
 
     def text(value, key: str) -> None:
         if not isinstance(value, str):
@@ -76,7 +79,10 @@ def load_templates(params: SftParams) -> dict:
 
 
 def load_knowledge(params: SftParams) -> dict:
-    return load_yaml_resource(params.knowledge, "knowledge.yaml")["classes"]
+    knowledge = load_yaml_resource(params.knowledge, "knowledge.yaml", "sft.knowledge")
+    if not isinstance(knowledge.get("classes"), dict):
+        raise StepFailure(f"{params.knowledge} (sft.knowledge): needs a `classes:` mapping of class -> facts")
+    return knowledge["classes"]
 
 
 # --- rendering -------------------------------------------------------------------------

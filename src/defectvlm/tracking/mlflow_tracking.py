@@ -10,12 +10,16 @@ is the file's md5 (the digest DVC records). Credentials come from the environmen
 from __future__ import annotations
 
 import json
+import socket
+import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from defectvlm.config import Params, params_to_dict
+from defectvlm.errors import StepFailure
 from defectvlm.tracking.lineage import lineage_files, lineage_tags, pipeline_key, split_digests
 
 PIPELINE_KEY_TAG = "defectvlm.pipeline_key"
@@ -40,12 +44,43 @@ def flatten_params(params: Params) -> dict[str, str]:
 
 
 def connect(params: Params):
-    """The mlflow module, pointed at params.tracking (uri and experiment)."""
+    """The mlflow module, pointed at params.tracking (uri and experiment). A server that does
+    not answer is a StepFailure at once, not minutes of retries and a traceback."""
     import mlflow
 
+    check_reachable(params.tracking.uri)
     mlflow.set_tracking_uri(params.tracking.uri)
     mlflow.set_experiment(params.tracking.experiment)
     return mlflow
+
+
+def check_reachable(uri: str, timeout_s: float = 10.0) -> None:
+    """Open (and close) a TCP connection to an http(s) tracking server."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=timeout_s).close()
+    except OSError as exc:
+        raise StepFailure(
+            f"cannot reach the MLflow tracking server at {uri} (tracking.uri): {exc.strerror or exc}. "
+            "Start the server, fix tracking.uri in params.yaml (or -S tracking.uri=...), "
+            "or run the step with --no-tracking where it has one"
+        ) from None
+
+
+def end_active_runs(status: str) -> None:
+    """End the runs this process still has open with `status` (FAILED after an error, KILLED
+    after an interrupt): without this, MLflow's exit hook would record a crashed step FINISHED."""
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is None:
+        return
+    while mlflow.active_run() is not None:
+        try:
+            mlflow.end_run(status)  # pops the run before it writes the status
+        except Exception:  # noqa: BLE001 - the store may be what failed; the step's own error is reported
+            continue
 
 
 def parent_run_id(params: Params, sft_dir: Path) -> str:

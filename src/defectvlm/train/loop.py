@@ -26,6 +26,7 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.config import DeepSpeedConfig
 from rich.console import Console
 from rich.table import Table
 
@@ -34,7 +35,7 @@ from defectvlm.data.sft import load_knowledge, load_templates
 from defectvlm.errors import StepFailure
 from defectvlm.evaluate.metrics import best_threshold
 from defectvlm.evaluate.scoring import score_samples
-from defectvlm.io import read_jsonl, write_json_atomic
+from defectvlm.io import read_json_file, read_jsonl, write_json_atomic
 from defectvlm.models.families import get_family
 from defectvlm.models.loading import load_base
 from defectvlm.train.artifacts import load_trained, prompt_config, save_trained, trained_tensors
@@ -102,10 +103,9 @@ def starting_point(params: Params, phase: int) -> Path | None:
 
 def deepspeed_config(params: Params, world: int) -> dict:
     train = params.train
-    try:
-        config = json.loads(Path(train.deepspeed).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise StepFailure(f"train.deepspeed: cannot read {train.deepspeed}: {exc.strerror}") from None
+    config = read_json_file(train.deepspeed, "train.deepspeed")
+    if not isinstance(config, dict):
+        raise StepFailure(f"{train.deepspeed} (train.deepspeed): a DeepSpeed config is a JSON object")
     filled = {
         "train_micro_batch_size_per_gpu": train.batch_size,
         "gradient_accumulation_steps": train.grad_accum,
@@ -119,6 +119,13 @@ def deepspeed_config(params: Params, world: int) -> dict:
         if config.get(precision, {}).get("enabled") == "auto":
             config[precision]["enabled"] = precision == "bf16" and torch.cuda.is_available()
     config.setdefault("steps_per_print", 10**9)
+    try:  # DeepSpeed's own checks, before any model is built
+        DeepSpeedConfig(config)
+    except (ValueError, AssertionError, KeyError, TypeError) as exc:
+        raise StepFailure(
+            f"{train.deepspeed} (train.deepspeed) is not a valid DeepSpeed config: {exc}. "
+            "Fix it (configs/deepspeed/*.json are working examples) or point train.deepspeed at another file"
+        ) from None
     return config
 
 
