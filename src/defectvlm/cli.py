@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 
 import yaml
@@ -14,11 +15,13 @@ from rich.console import Console
 from rich.table import Table
 
 from defectvlm.cluster.pipeline import add_arguments as add_pipeline_arguments
-from defectvlm.config import SPLITS, ConfigError, Params, field_docs, load_params, params_from_dict, params_to_dict
+from defectvlm.config import ConfigError, Params, field_docs, load_params, params_from_dict, params_to_dict
 from defectvlm.errors import StepFailure, report_failure
-from defectvlm.io import read_jsonl, read_splits, write_json_atomic, write_jsonl_atomic, write_splits
+from defectvlm.io import write_json_atomic
 from defectvlm.serve.run import add_arguments as add_serve_arguments
 from defectvlm.serve.run import add_deploy_arguments
+from defectvlm.step_types import Option, Output, Step, dest, source
+from defectvlm.steps import STEPS
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -76,165 +79,10 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_scan_labels(args: argparse.Namespace) -> int:
-    from defectvlm.data.ingest import scan
-    from defectvlm.data.label_stats import label_map_block, label_stats
-
-    params = _load(args)
-    stats = label_stats(scan(params), params)
-    write_json_atomic(args.out, stats)
-    table = Table("raw label", "boxes", "images", "maps to", title="raw labels")
-    for raw, info in stats["raw_labels"].items():
-        table.add_row(raw, str(info["boxes"]), str(info["images"]), str(info["maps_to"] or "?"))
-    console.print(table)
-    console.print(f"boxes per image: {stats['boxes_per_image']}")
-    console.print(f"box width px: {stats['box_width_px']}  height px: {stats['box_height_px']}")
-    for problem in stats["problems"]:
-        console.print(f"[yellow]problem[/]: {problem}", markup=True, highlight=False)
-    console.print(f"wrote {args.out}; paste this into params.yaml:")
-    sys.stdout.write(label_map_block(stats))
-    return 0
-
-
-def cmd_ingest(args: argparse.Namespace) -> int:
-    from defectvlm.data.ingest import build_manifest, scan
-
-    params = _load(args)
-    out = Path(args.out)
-    result = build_manifest(scan(params, progress=not args.quiet), params)
-    write_jsonl_atomic(out / "manifest.jsonl", result.manifest)
-    write_json_atomic(out / "ingest_report.json", result.report)
-    _print_ingest_summary(result.report)
-    for message in result.fatal:
-        console.print(f"[red]error[/]: {message}", highlight=False)
-    return 1 if result.fatal else 0
-
-
-def cmd_split(args: argparse.Namespace) -> int:
-    from defectvlm.data.split import split_manifest
-
-    params = _load(args)
-    result = split_manifest(read_jsonl(Path(args.input) / "manifest.jsonl"), params.split)
-    out = Path(args.out)
-    write_splits(out, result.splits)
-    write_json_atomic(out / "split_report.json", result.report)
-    table = Table("split", "images", "abnormal", "normal", "groups", "share", title="split")
-    for name, counts in result.report["counts"].items():
-        share = f"{result.report['ratios_achieved'][name]:.0%}"
-        table.add_row(name, *(str(counts[k]) for k in ("images", "abnormal", "normal", "groups")), share)
-    console.print(table)
-    for warning in result.report["warnings"]:
-        console.print(f"[yellow]warning[/]: {warning}", highlight=False)
-    return 0
-
-
-def cmd_regions(args: argparse.Namespace) -> int:
-    from defectvlm.data.regions import build_regions
-
-    params = _load(args)
-    result = build_regions(read_splits(args.input, SPLITS), params.regions, params.model)
-    out = Path(args.out)
-    write_splits(out, result.splits)
-    write_json_atomic(out / "regions_summary.json", result.summary)
-    for name, counts in result.summary["splits"].items():
-        console.print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in counts.items() if not isinstance(v, dict)))
-    return 0
-
-
-def cmd_build_sft(args: argparse.Namespace) -> int:
-    from defectvlm.data.exports import write_export
-    from defectvlm.data.sft import build_sft, load_knowledge, load_templates
-
-    if args.format:  # the same validation as -S sft.format=...
-        args.set = [*(args.set or []), f"sft.format={args.format}"]
-    params = _load(args)
-    fmt = params.sft.format
-    regions = read_splits(args.input, SPLITS)
-    result = build_sft(regions, params.sft, load_templates(params.sft), load_knowledge(params.sft))
-    out = Path(args.out)
-    write_splits(out, result.splits)  # native, always: training and evaluation read these
-    summary = {"format": fmt, **result.summary}
-    if fmt != "native":
-        summary["export"] = write_export(fmt, result, regions, params.model, out / fmt)
-    write_json_atomic(out / "sft_summary.json", summary)
-    for name, counts in result.summary["splits"].items():
-        console.print(f"{name}: {counts['samples']} samples, tasks {counts['tasks']}, noised {counts['noised']}")
-    if "export" in summary:
-        console.print(f"{fmt} export in {out / fmt}; train with:\n{summary['export']['command']}", highlight=False)
-    return 0
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    from defectvlm.tracking.mlflow_tracking import MlflowTracking
-    from defectvlm.train.loop import train_phase
-
-    params = _load(args)
-    tracking = None if args.no_tracking else MlflowTracking(params, Path(args.input))
-    metrics = train_phase(params, args.phase, Path(args.input), resume=args.resume, tracking=tracking)
-    if metrics.get("enabled"):
-        console.print(
-            f"phase {args.phase}: {metrics['steps']} steps, best {params.train.metric_for_best_model}="
-            f"{metrics[params.train.metric_for_best_model]} at step {metrics['best_step']}, "
-            f"token efficiency {metrics['token_efficiency']}"
-        )
-    else:
-        console.print(f"phase {args.phase} is disabled in params.yaml: skipped")
-    return 0
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from defectvlm.evaluate.run import evaluate
-
-    params = _load(args)
-    metrics = evaluate(
-        params,
-        args.run,
-        Path(args.input),
-        Path(args.out),
-        split=args.split,
-        mode=args.mode,
-        baseline=not args.no_baseline,
-    )
-    table = Table("model", "level", "precision", "recall", "F1", "AUROC", title=f"{metrics['run']} on {args.split}")
-    for title, result in (("fine-tuned", metrics[metrics["split"]]), ("base", metrics.get("baseline"))):
-        for level in ("roi", "image") if result else ():
-            m = result[level]
-            table.add_row(title, level, str(m["precision"]), str(m["recall"]), str(m["f1"]), str(m["auroc"]))
-    console.print(table)
-    console.print(
-        f"threshold {metrics[metrics['split']]['threshold']:.4f} (chosen on val); report: {args.out}/report.md"
-    )
-    if not args.no_tracking and metrics["run"] != "base":
-        from defectvlm.tracking.mlflow_tracking import log_evaluation
-
-        run_id = log_evaluation(params, Path(args.input), metrics, Path(args.out))
-        console.print(f"logged to MLflow run {run_id} (nested under the pipeline's run)")
-    return 0
-
-
 def cmd_pipeline(args: argparse.Namespace) -> int:
     from defectvlm.cluster.pipeline import pipeline_command
 
     return pipeline_command(args, _load(args))
-
-
-def cmd_register(args: argparse.Namespace) -> int:
-    from defectvlm.evaluate.run import resolve_run
-    from defectvlm.tracking.registry import CANDIDATE, register
-
-    params = _load(args)
-    best = resolve_run(params, args.run)
-    if best is None:
-        raise StepFailure("the untrained base is not registered: name a trained phase with --run")
-    registration = register(params, best, Path(args.reports), Path(args.input))
-    moved = registration.candidate == str(registration.version)
-    write_json_atomic(args.out, {**vars(registration), "alias": CANDIDATE if moved else None})
-    where = f"@{CANDIDATE}" if moved else f"@{CANDIDATE} stays on v{registration.candidate}, from a later pipeline run"
-    console.print(
-        f"registered {best} as {registration.name} v{registration.version} ({where}); "
-        f"pipeline run {registration.pipeline_run_id}"
-    )
-    return 0
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
@@ -289,23 +137,32 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     return deploy_command(args, _load(args))
 
 
-def _print_ingest_summary(report: dict) -> None:
-    table = Table("kind", "accepted", "repaired", "rejected", title="ingest")
-    for kind, counts in report["counts_by_kind"].items():
-        table.add_row(kind, *(str(counts[s]) for s in ("accepted", "repaired", "rejected")))
-    c = report["counts"]
-    table.add_row("all files", str(c["accepted"]), str(c["repaired"]), str(c["rejected"]), style="bold")
-    console.print(table)
-    images = report["images"]
-    console.print(
-        f"manifest: {images['in_manifest']} images ({images['abnormal']} abnormal, {images['normal']} normal), "
-        f"{images['boxes']} boxes {images['boxes_per_class']}"
-    )
-    if report["reasons"]:
-        console.print("reasons: " + ", ".join(f"{k}={v}" for k, v in report["reasons"].items()))
+def add_step_commands(step, steps: dict[str, Step]) -> None:
+    """`defectvlm <command>` for each declared step: options from its inputs, outputs and options."""
+    for declared in {s.command: s for s in steps.values()}.values():
+        passed = [dest(a) for a in declared.arguments if (not a.sets if isinstance(a, Option) else a.option)]
+        overrides = {dest(o): o.sets for o in declared.options if o.sets}
+        p = step(declared.command, partial(_run_step, declared.function, passed, overrides), declared.help)
+        for argument in declared.arguments:
+            if isinstance(argument, Option):
+                kwargs = {"action": "store_true"} if argument.switch else {"default": argument.default}
+                if argument.choices:
+                    kwargs["choices"] = argument.choices
+                if argument.type:
+                    kwargs["type"] = argument.type
+                p.add_argument(argument.flag, help=argument.help, required=argument.required, **kwargs)
+            elif argument.option:
+                default = argument.path if isinstance(argument, Output) else source(argument, steps).path
+                p.add_argument(argument.option, dest=dest(argument), default=default, help=argument.help)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _run_step(function, passed: list[str], overrides: dict[str, str], args: argparse.Namespace) -> int:
+    """Parameters (with an option that sets a key validated like -S), then the step's function."""
+    args.set = [*(args.set or []), *(f"{key}={getattr(args, d)}" for d, key in overrides.items() if getattr(args, d))]
+    return function(_load(args), **{name: getattr(args, name) for name in passed})
+
+
+def build_parser(steps: dict[str, Step] = STEPS) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="defectvlm", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="on an error, add the traceback (or DEFECTVLM_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -331,47 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="processes (output is identical for any number)")
     p.set_defaults(func=cmd_demo_data)
 
-    p = step("scan-labels", cmd_scan_labels, "Label distribution, box sizes, and a label_map block to paste.")
-    p.add_argument("--out", default="data/label_stats.json", help="statistics file (default: data/label_stats.json)")
-
-    p = step(
-        "ingest", cmd_ingest, "Both image trees -> manifest.jsonl + ingest_report.json (every file accounted for)."
-    )
-    p.add_argument("--out", default="data/01_ingested", help="output folder (default: data/01_ingested)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-    p = step("split", cmd_split, "manifest -> train/val/test by group, stable under data growth, no leakage.")
-    p.add_argument("--in", dest="input", default="data/01_ingested", help="folder with manifest.jsonl")
-    p.add_argument("--out", default="data/02_split", help="output folder (default: data/02_split)")
-
-    p = step("regions", cmd_regions, "splits -> ROI candidates with negatives and decoys, in the model's frame.")
-    p.add_argument("--in", dest="input", default="data/02_split", help="folder with the split files")
-    p.add_argument("--out", default="data/03_regions", help="output folder (default: data/03_regions)")
-
-    p = step("build-sft", cmd_build_sft, "regions -> SFT conversations (native; ms-swift/LLaMA-Factory/YOLO export).")
-    p.add_argument("--in", dest="input", default="data/03_regions", help="folder with the region files")
-    p.add_argument("--out", default="data/04_sft", help="output folder (default: data/04_sft)")
-    p.add_argument("--format", choices=("native", "swift", "llamafactory", "yolo"), help="sets sft.format")
-
-    p = step(
-        "train",
-        cmd_train,
-        "Train one phase (1: projector + LM LoRA, 2: + top vision LoRA, 3: + top vision blocks) with DeepSpeed. "
-        "Several processes: torchrun --nproc_per_node N -m defectvlm train --phase 1",
-    )
-    p.add_argument("--phase", type=int, choices=(1, 2, 3), required=True)
-    p.add_argument("--in", dest="input", default="data/04_sft", help="folder with native SFT files")
-    p.add_argument("--resume", action="store_true", help="continue from the phase's last checkpoint")
-    p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
-
-    p = step("evaluate", cmd_evaluate, "ROI- and image-level metrics, threshold from val, plots and a report.")
-    p.add_argument("--run", default="last", help="runs/phaseN, 'last' (last enabled phase) or 'base' (untrained)")
-    p.add_argument("--split", default="test", choices=("val", "test"))
-    p.add_argument("--mode", default="score", choices=("score", "generate"), help="teacher-forced scores or free text")
-    p.add_argument("--in", dest="input", default="data/04_sft", help="folder with native SFT files")
-    p.add_argument("--out", default="reports", help="output folder (default: reports)")
-    p.add_argument("--no-baseline", action="store_true", help="skip evaluating the untrained base")
-    p.add_argument("--no-tracking", action="store_true", help="do not log to the phase's MLflow run")
+    add_step_commands(step, steps)
 
     p = step(
         "pipeline",
@@ -380,12 +197,6 @@ def build_parser() -> argparse.ArgumentParser:
         "or submit a run to a KFP server (submit --host URL).",
     )
     add_pipeline_arguments(p)
-
-    p = step("register", cmd_register, "Register the evaluated adapter as a new model version (alias candidate).")
-    p.add_argument("--run", default="last", help="runs/phaseN or 'last' (the last enabled phase)")
-    p.add_argument("--reports", default="reports", help="the evaluation of that run (metrics.json, inference.json)")
-    p.add_argument("--in", dest="input", default="data/04_sft", help="folder with the SFT splits (lineage digests)")
-    p.add_argument("--out", default="reports/registration.json", help="where the registered name/version are written")
 
     p = step("promote", cmd_promote, "Move an alias (champion) to a version that passes the gates, beats the holder.")
     p.add_argument("--alias", default="champion")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 from defectvlm.cluster.images import image
 from defectvlm.cluster.pipeline import PACKAGE, compile_pipeline
 from defectvlm.config import load_params
@@ -88,3 +92,29 @@ def test_trainjob_launcher_frees_the_step_pods_gpu_and_cluster_params_shape_the_
     label = executor_label(spec, tasks["evaluate"])
     assert spec["deploymentSpec"]["executors"][label]["container"]["resources"]["accelerator"]["resourceCount"] == "4"
     assert k8s[label]["nodeSelector"] == {"labels": {"pool": "h100"}}
+
+
+def test_compile_works_from_any_directory(tmp_path):
+    """The pipeline is built inside the package: no repository folder on the import path."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(REPO / "src")  # the package alone (an installed one: the same)
+    out = tmp_path / "elsewhere.yaml"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "defectvlm",
+            "pipeline",
+            "compile",
+            "--params",
+            str(REPO / "params.yaml"),
+            "--out",
+            str(out),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert out.read_text(encoding="utf-8") == (REPO / PACKAGE).read_text(encoding="utf-8")

@@ -10,9 +10,8 @@ import shlex
 import pytest
 
 from defectvlm.cluster.images import DATA_IMAGE, DOCKERFILES, TRAIN_IMAGE, image
+from defectvlm.steps import STEPS
 from tests.conftest import REPO
-
-COMPONENT_MODULES = ("scan_labels", "ingest", "split", "regions", "sft", "train", "evaluate", "register")
 
 
 def instructions(path) -> list[tuple[str, str]]:
@@ -79,12 +78,10 @@ def test_train_image_is_cuda_devel_with_deepspeed_ops_built_and_optional_flash_a
 def test_components_run_in_the_project_images():
     assert (DATA_IMAGE, TRAIN_IMAGE) == (image("data"), image("train"))
     seen = set()
-    for module in COMPONENT_MODULES:
-        component = getattr(
-            importlib.import_module(f"components.{module}"), "train_phase" if module == "train" else module
-        )
+    for name in STEPS:
+        component = getattr(importlib.import_module("components"), name)
         container = component.component_spec.implementation.container
-        assert container.image in (DATA_IMAGE, TRAIN_IMAGE), module
-        assert "pip install" not in " ".join(container.command), module
+        assert container.image in (DATA_IMAGE, TRAIN_IMAGE), name
+        assert "pip install" not in " ".join(container.command), name
         seen.add(container.image)
     assert seen == {DATA_IMAGE, TRAIN_IMAGE}

@@ -8,8 +8,11 @@ import shlex
 import yaml
 
 from defectvlm.cli import build_parser
-from defectvlm.cluster.steps import RUNTIME_SECTIONS, STEPS, params_from_sections
+from defectvlm.cluster.dag import RUNTIME_SECTIONS
+from defectvlm.cluster.task import params_from_sections
 from defectvlm.config import load_params, params_to_dict
+from defectvlm.step_types import Option, dest, source
+from defectvlm.steps import STEPS
 from tests.cluster.conftest import tasks_by_step
 from tests.conftest import REPO
 
@@ -63,18 +66,19 @@ def test_the_pipeline_has_the_stages_of_dvc_yaml():
     assert set(STEPS) == set(DVC)
 
 
-def test_each_step_runs_the_dvc_stage_command_with_paths_filled_in():
-    subcommands = build_parser()._subparsers._group_actions[0].choices
+def test_each_dvc_stage_runs_its_steps_function_with_the_declared_paths_and_options():
+    parser = build_parser()
     for name, step in STEPS.items():
         dvc_argv = shlex.split(DVC[name]["cmd"])
-        assert dvc_argv[0] == "defectvlm" and len(dvc_argv) - 1 == len(step.command), name
-        for ours, theirs in zip(step.command, dvc_argv[1:], strict=True):
-            if "{" in ours:  # a path: the stage's is fixed, the component's comes from KFP
-                assert theirs.endswith(ours.split("}", 1)[1]), (name, ours, theirs)
-            else:
-                assert ours == theirs, (name, ours, theirs)
-        options = {o for action in subcommands[step.command[0]]._actions for o in action.option_strings}
-        assert {t for t in step.command if t.startswith("--")} <= options, name
+        assert dvc_argv[0] == "defectvlm", name
+        args = parser.parse_args(dvc_argv[1:])
+        assert args.func.args[0] is step.function, name  # the CLI's handler calls the declared function
+        for argument in step.arguments:
+            if isinstance(argument, Option):
+                assert getattr(args, dest(argument)) == step.fixed.get(dest(argument), argument.default), name
+            elif argument.option:
+                declared = argument.path if argument in step.outputs else source(argument, STEPS).path
+                assert getattr(args, dest(argument)) == declared, (name, argument.name)
 
 
 def test_each_step_reads_every_section_its_dvc_stage_lists():

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from defectvlm.cluster import steps, trainjob
+from defectvlm.cluster import task, trainjob
 from defectvlm.cluster.trainjob import TrainJobFailed, build_trainjob, wait_for_trainjob
 from defectvlm.config import ClusterParams, TrainJobParams, load_params, params_to_dict
 
@@ -234,36 +234,43 @@ def test_train_step_with_the_trainjob_launcher_runs_the_phase_command_on_the_wor
     (sft / "train.jsonl").write_text("{}\n")
     phase1 = tmp_path / "phase1-artifact"
     (phase1 / "best").mkdir(parents=True)
-    sections = params_to_dict(steps.params_from_sections({}))
+    sections = params_to_dict(task.params_from_sections({}))
     train = {**sections["train"], "launcher": "trainjob"}
     cluster = {**sections["cluster"], "workspace": str(tmp_path / "ws"), "image_registry": "reg.local"}
-    adapter = tmp_path / "adapter"
+    adapter = SimpleNamespace(path=str(tmp_path / "adapter"), metadata={})
 
-    metrics = steps.train_phase(
-        2,
-        {"model": sections["model"], "train": train, "tracking": sections["tracking"]},
-        {**sections["trainjob"], "num_nodes": 3.0},  # KFP hands numbers over as floats
-        cluster,
-        str(sft),
-        {1: str(phase1)},
-        "job1",
-        str(adapter),
+    task.run_task(
+        "train_phase2",
+        {
+            **{name: sections[name] for name in ("model", "sft", "tracking")},
+            "train": train,
+            "trainjob": {**sections["trainjob"], "num_nodes": 3.0},  # KFP hands numbers over as floats
+            "cluster": cluster,
+            "job_id": "job1",
+            "data_version": "",
+            "lineage": {},
+            "conversations": SimpleNamespace(path=str(sft)),
+            "phase1": SimpleNamespace(path=str(phase1)),
+            "adapter": adapter,
+        },
     )
 
     ((params, phase, argv, image, pipeline_run),) = launched
     assert pipeline_run == "job1"  # the TrainJob is named after the pipeline run
     run = tmp_path / "ws" / "runs" / "job1"
     assert params.num_nodes == 3 and phase == 2 and image == "reg.local/defectvlm-train:0.1.0"
-    assert argv == ["train", "--phase", "2", "--in", str(run / "sft"), "--params", str(run / "params_phase2.yaml")]
+    params_file = run / "params_train_phase2.yaml"
+    assert argv == ["train", "--phase", "2", "--in", str(run / "sft"), "--params", str(params_file)]
     assert (run / "sft" / "train.jsonl").exists() and (run / "phase1" / "best").is_dir()
-    written = load_params(run / "params_phase2.yaml")  # what the trainer pods read
+    written = load_params(params_file)  # what the trainer pods read
     assert written.train.output_dir == str(run) and written.train.launcher == "trainjob"
-    assert metrics["steps"] == 3
+    assert adapter.metadata["steps"] == 3
+    adapter = tmp_path / "adapter"
     assert (adapter / "best" / "adapter_model.safetensors").exists() and not (adapter / "checkpoints").exists()
 
 
 def test_section_numbers_from_kfp_come_back_as_ints():
-    params = steps.params_from_sections({"train": {"batch_size": 2.0, "phase1": {"max_steps": 5.0, "epochs": 2.0}}})
+    params = task.params_from_sections({"train": {"batch_size": 2.0, "phase1": {"max_steps": 5.0, "epochs": 2.0}}})
     assert params.train.batch_size == 2 and isinstance(params.train.batch_size, int)
     assert isinstance(params.train.phase1.max_steps, int) and params.train.phase1.epochs == 2.0
 

@@ -3,17 +3,20 @@ pipeline key); dvc.lock digests; a data version on every run, cluster runs inclu
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import pytest
 from PIL import Image
 
-from defectvlm.cluster import steps
-from defectvlm.config import Params, TrainParams, load_params, params_from_dict
+from defectvlm.cluster.task import run_task
+from defectvlm.config import Params, TrainParams, params_from_dict
 from defectvlm.io import read_jsonl
+from defectvlm.steps import STEPS
 from defectvlm.tracking.lineage import (
     DATA_VERSION_ENV,
     dvc_digests,
@@ -154,15 +157,21 @@ def test_every_run_has_a_data_version(checkout, monkeypatch):
 def test_a_cluster_step_gets_the_data_version_and_logs_the_dvc_lock_it_ran_with(checkout, monkeypatch):
     seen = {}
 
-    def fake_cli(argv):
-        params = load_params(argv[argv.index("--params") + 1])
+    def fake_evaluate(params, **arguments):
         seen.update(tags=lineage_tags(params, Path("sft")), files=lineage_files(params))
+        return 0
 
-    monkeypatch.setattr(steps, "run_cli", fake_cli)
+    monkeypatch.setitem(STEPS, "evaluate", dataclasses.replace(STEPS["evaluate"], function=fake_evaluate))
     lineage = {"dvc.lock": "schema: '2.0'\nstages: {}\n", "data/raw/abnormal_root.dvc": "outs: []\n"}
-    sections = {"model": {}, "train": {}, "tracking": {}}
-    cluster = {"workspace": str(checkout / "workspace")}
-    steps.run_on_phases("evaluate", sections, cluster, "job1", {}, "data@v7", lineage, **{"in": "sft", "out": "r"})
+    phases = {f"phase{n}": SimpleNamespace(path=str(checkout / f"phase{n}")) for n in (1, 2, 3)}
+    for phase in phases.values():
+        Path(phase.path).mkdir()
+    reports = SimpleNamespace(path=str(checkout / "reports"), metadata={})
+    Path(reports.path).mkdir()
+    (Path(reports.path) / "metrics.json").write_text("{}", encoding="utf-8")
+    values = {"model": {}, "train": {}, "tracking": {}, "cluster": {"workspace": str(checkout / "workspace")}}
+    values.update(job_id="job1", data_version="data@v7", lineage=lineage, metrics=None, reports=reports)
+    run_task("evaluate", {**values, **phases, "conversations": SimpleNamespace(path="sft")})
     assert os.environ[DATA_VERSION_ENV] == "data@v7"
     monkeypatch.delenv(DATA_VERSION_ENV)  # a TrainJob pod: no step environment, the run folder's record
     assert seen["tags"]["data.version"] == "data@v7" and seen["files"] == lineage

@@ -1,31 +1,24 @@
-"""`defectvlm pipeline compile | run --local | submit`: the KFP pipeline of pipelines/finetune.py,
-built from the same params file (and `-S` overrides) as every other command. `pipeline dvc`
-rewrites dvc.yaml's params and source deps from the step table.
-
-Run from the repository root: the pipeline and its components are the top-level `pipelines/`
-and `components/` folders.
-"""
+"""`defectvlm pipeline compile | run --local | submit`: the KFP pipeline built from the step table
+(`defectvlm.cluster.dag`) and the same params file (and `-S` overrides) as every other command.
+`pipeline dvc` writes dvc.yaml from the step table."""
 
 from __future__ import annotations
 
 import argparse
 import ast
 import dataclasses
-import importlib
 import json
 import os
 import re
 import subprocess
-import sys
 import tempfile
 import warnings
 from pathlib import Path
 
-import yaml
 from rich.console import Console
 
-from defectvlm.cluster.steps import RUNTIME_SECTIONS, dvc_yaml
 from defectvlm.config import Params, params_to_dict
+from defectvlm.dvc_stages import dvc_yaml
 from defectvlm.errors import StepFailure
 from defectvlm.tracking.lineage import lineage_paths
 
@@ -35,19 +28,13 @@ TOKEN_ENV = "KF_PIPELINES_TOKEN"
 console = Console(stderr=True, soft_wrap=True)
 
 
-def load_build(root: Path | None = None):
-    """`build(params)` of pipelines/finetune.py under root (default: the working directory)."""
-    root = str((root or Path.cwd()).resolve())
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    return importlib.import_module("pipelines.finetune").build
-
-
 def compile_pipeline(params: Params, out: Path = PACKAGE) -> Path:
     from kfp import compiler
 
+    from defectvlm.cluster.dag import build
+
     out.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(load_build()(params), str(out))
+    compiler.Compiler().compile(build(params), str(out))
     out.write_text(_sorted_header_defaults(out.read_text(encoding="utf-8")), encoding="utf-8")
     return out
 
@@ -67,6 +54,8 @@ def _sorted_header_defaults(text: str) -> str:
 
 def arguments(params: Params, data_version: str) -> dict:
     """Run arguments: every runtime section of params, the data version and its lineage files."""
+    from defectvlm.cluster.dag import RUNTIME_SECTIONS
+
     values = params_to_dict(params)
     sections = {name: values[name] for name in RUNTIME_SECTIONS}
     return {**sections, "data_version": data_version, "lineage": lineage_at(params, data_version)}
@@ -97,11 +86,13 @@ def run_local(params: Params, root: Path, data_version: str) -> dict:
     The workspace (checkpoints) is root/workspace and the KFP artifacts go to root/outputs."""
     from kfp import local
 
+    from defectvlm.cluster.dag import build
+
     root = root.resolve()
     cluster = dataclasses.replace(params.cluster, workspace=str(root / "workspace"), workspace_pvc="")
     params = dataclasses.replace(params, cluster=cluster)
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root / "outputs"))
-    pipeline = load_build()(params)
+    pipeline = build(params)
     with warnings.catch_warnings():
         # the project's images do not contain "python" in their name; here they are this venv anyway
         warnings.filterwarnings("ignore", message="You may be attemping", category=RuntimeWarning)
@@ -149,7 +140,7 @@ def pipeline_command(args: argparse.Namespace, params: Params) -> int:
     if args.action == "compile":
         console.print(f"wrote {compile_pipeline(params, args.out)}")
     elif args.action == "dvc":
-        DVC_FILE.write_text(dvc_yaml(yaml.safe_load(DVC_FILE.read_text(encoding="utf-8"))), encoding="utf-8")
+        DVC_FILE.write_text(dvc_yaml(), encoding="utf-8")
         console.print(f"wrote {DVC_FILE}")
     elif args.action == "run":
         if not args.local:
