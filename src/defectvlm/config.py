@@ -375,6 +375,9 @@ class RegistryParams:
         "Minimum test metrics for promotion (keys: " + ", ".join(GATE_METRICS) + ").",
     )
     reproduce_tolerance: float = param(0.02, "`reproduce`: largest allowed difference of a re-derived test metric.")
+    require_export_parity: bool = param(
+        False, "`promote` refuses a version without a passed `defectvlm export` parity check (tag export.parity)."
+    )
 
     def __post_init__(self) -> None:
         if not self.model_name.strip():

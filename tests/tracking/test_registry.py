@@ -128,6 +128,21 @@ def test_promote_refusal_names_each_reason(workspace, capsys):
     assert "Traceback" not in err
 
 
+def test_promote_can_require_a_passed_export_parity_check(workspace, capsys):
+    version = register(workspace, roi_f1=0.5, auroc=0.7)
+    required = ("-S", "registry.require_export_parity=true")
+    assert promote(*required) == 1
+    assert "no export parity check recorded" in capsys.readouterr().err
+    record = {"max_abs_diff": 0.01, "tolerance": 1e-4, "passed": False}
+    client(workspace).set_model_version_tag(NAME, version, registry.PARITY_TAG, json.dumps(record))
+    assert promote(*required) == 1
+    assert "failed the parity check (max |dP| 0.01 > 0.0001" in capsys.readouterr().err
+    record.update(max_abs_diff=2e-6, passed=True)
+    client(workspace).set_model_version_tag(NAME, version, registry.PARITY_TAG, json.dumps(record))
+    assert promote(*required) == 0
+    assert client(workspace).get_model_version_by_alias(NAME, "champion").version == version
+
+
 def test_promote_rescores_the_champion_on_the_candidates_newer_test_set(workspace, capsys):
     c = client(workspace)
     champion = register(workspace, roi_f1=0.5, auroc=0.7)

@@ -22,12 +22,12 @@ from defectvlm.errors import StepFailure
 from defectvlm.inference.loading import EXPORT_FILE, LoadedModel, load_export, load_model
 from defectvlm.io import write_json_atomic
 from defectvlm.models.families import get_family
+from defectvlm.tracking.registry import PARITY_TAG
 from defectvlm.train.artifacts import ADAPTER_FILE, ADAPTER_NAME
 from defectvlm.train.phases import PEFT_PREFIX, canonical
 
 PARITY_TOLERANCE = 1e-4
 GOLDEN_IMAGES = 4
-PARITY_TAG = "export.parity"
 
 
 def unplaced_tensors(saved: dict[str, torch.Tensor], model) -> list[str]:

@@ -41,6 +41,7 @@ CANDIDATE = "candidate"
 ADAPTER_PATH = "adapter"
 TEST_DIGEST_TAG = "data.sft.test.md5"
 METRIC_TAG = "metric."  # + "test.roi.f1", ...
+PARITY_TAG = "export.parity"  # the export's parity record, set by `defectvlm export`
 HISTORY_LIMIT = 4000  # characters kept in a model's promotion-history tag
 LOCK_WAIT_S = 300.0  # how long a move waits for another move of the same alias
 LOCK_STALE_S = 600.0  # a lock older than this was left by a crashed process: it is broken
@@ -272,6 +273,18 @@ def set_alias(client, name: str, alias: str, version: str, attempts: int = 5) ->
 
 def _gate_failures(params: Params, version) -> list[str]:
     failures = []
+    if params.registry.require_export_parity:
+        parity = json.loads(version.tags.get(PARITY_TAG, "null"))
+        if parity is None:
+            failures.append(
+                f"no export parity check recorded (run `defectvlm export --model models:/{version.name}/"
+                f"{version.version}`; registry.require_export_parity)"
+            )
+        elif not parity.get("passed"):
+            failures.append(
+                f"its export failed the parity check (max |dP| {parity.get('max_abs_diff')} > "
+                f"{parity.get('tolerance')}; registry.require_export_parity)"
+            )
     for key, minimum in sorted(params.registry.gates.items()):
         value = version.tags.get(f"{METRIC_TAG}test.{key}")
         if value is None:
