@@ -59,6 +59,22 @@ def test_answer_parser_is_lenient_and_counts_what_it_cannot_read(text, parsed, m
     assert result == {"regions": parsed, "missing": missing, "unknown_classes": unknown}
 
 
+def test_answer_parser_reads_any_class_string_whole():
+    classes = ["条纹", "slag", "slag_heavy", "over melt"]
+    text = (
+        "R1：异常｜条纹\nR2: abnormal | slag_heavy\nR3: abnormal|slag。\nR4: abnormal | over melt\nR5: abnormal | 灰渣"
+    )
+    result = parse_answer(text, ["R1", "R2", "R3", "R4", "R5"], classes)
+    assert result["regions"] == {
+        "R1": ("abnormal", "条纹"),
+        "R2": ("abnormal", "slag_heavy"),
+        "R3": ("abnormal", "slag"),
+        "R4": ("abnormal", "over melt"),
+        "R5": ("abnormal", None),
+    }
+    assert result["unknown_classes"] == 1
+
+
 @pytest.mark.slow
 def test_evaluate_writes_report_and_takes_the_threshold_from_val(sft_dir, tmp_path):
     params = params_from_dict({})

@@ -2,14 +2,17 @@
 
 import copy
 import re
+from importlib import resources
 
 import pytest
 import torch
+import yaml
 
 from defectvlm.evaluate.scoring import parse_answer, score_samples
 from defectvlm.io import read_jsonl
 from defectvlm.models.tiny import build_tiny
 from defectvlm.train.data import Collator, Encoded, image_parts
+from tests.conftest import prepare_sft, read_json, run_cli, write_params
 
 DEMO_CLASSES = ["incomplete_spreading", "over_melt", "slag", "streak"]
 LABEL_PAIRS = [("abnormal", "normal"), ("Abnormal", "Normal"), ("ABNORMAL", "NORMAL"), ("异常", "正常")]
@@ -141,3 +144,45 @@ def test_every_answer_spacing_the_parser_accepts_is_scored_at_its_words(
     parsed = parse_answer(answer, [r["rid"] for r in samples[0]["meta"]["regions"]], DEMO_CLASSES)
     assert not parsed["missing"] and parsed["unknown_classes"] == 0
     assert_matches_reference(model, processor, rewritten, DEMO_CLASSES, batch_size=2)
+
+
+@pytest.mark.slow
+def test_chinese_classes_end_to_end_from_ingest_to_evaluate(tiny, tmp_path):
+    """Raw labels kept as class names (empty label_map), answers written `R2：异常｜条纹`."""
+    raw = tmp_path / "raw"
+    assert run_cli("demo-data", "--out", raw, "--n-abnormal", 12, "--n-normal", 6, "--seed", 3) == 0
+    knowledge = yaml.safe_load(resources.files("defectvlm.data").joinpath("templates", "knowledge.yaml").read_text())
+    raw_names = {canonical: entry["zh"] for canonical, entry in knowledge["classes"].items()}
+    (tmp_path / "knowledge.yaml").write_text(
+        yaml.safe_dump({"classes": {raw_names[c]: e for c, e in knowledge["classes"].items()}}, allow_unicode=True),
+        encoding="utf-8",
+    )
+    templates = yaml.safe_load(resources.files("defectvlm.data").joinpath("templates", "zh.yaml").read_text())
+    templates["answers"].update(abnormal_line="{rid}：异常｜{cls}", normal_line="{rid}：正常")
+    (tmp_path / "zh.yaml").write_text(yaml.safe_dump(templates, allow_unicode=True), encoding="utf-8")
+    params = write_params(
+        tmp_path / "params.yaml",
+        {
+            "data": {"abnormal_root": str(raw / "abnormal_root"), "normal_root": str(raw / "normal_root")},
+            "labels": {"label_map": {}},
+            "sft": {"knowledge": str(tmp_path / "knowledge.yaml"), "templates": str(tmp_path / "zh.yaml")},
+        },
+    )
+    sft = prepare_sft(params, tmp_path)
+    classes = read_json(sft / "sft_summary.json")["classes"]
+    assert set(classes) <= set(raw_names.values()) and len(classes) > 1
+    reports = tmp_path / "reports"
+    assert run_cli("evaluate", "--params", params, "--in", sft, "--out", reports, "--run", "base", "--no-tracking") == 0
+
+    rows = read_jsonl(reports / "predictions.jsonl")
+    abnormal = [r for r in rows if r["truth"] == "abnormal"]
+    assert abnormal and all(r["class_probs"].keys() == set(classes) and r["pred_cls"] in classes for r in abnormal)
+    assert read_json(reports / "metrics.json")["test"]["defect_type"]["accuracy"] is not None
+    model, processor = tiny
+    samples = {s["image_id"]: s for s in read_jsonl(sft / "test.jsonl")}
+    for sample in [samples[r["image_id"]] for r in abnormal[:2]]:
+        reference = slow_reference(model, processor, sample, classes)
+        for row in (r for r in rows if r["image_id"] == sample["image_id"]):
+            assert row["score"] == pytest.approx(reference[row["rid"]]["score"], abs=1e-5)
+            if row["truth"] == "abnormal":
+                assert row["class_probs"] == pytest.approx(reference[row["rid"]]["class_probs"], abs=1e-5)
