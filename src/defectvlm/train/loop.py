@@ -220,12 +220,13 @@ def train_phase(params: Params, phase_number: int, sft_dir: Path, resume: bool =
             tokens_real += int(batch["attention_mask"].sum())
             tokens_padded += batch["attention_mask"].numel()
             loss = engine(**to_device(batch, engine)).loss
+            boundary = engine.is_gradient_accumulation_boundary()  # asked after step(), it is the next micro's
             engine.backward(loss)
             engine.step()
             running_loss += loss.item()
             running_n += 1
             state.epoch, state.micro_in_epoch = epoch, micro + 1
-            if not engine.is_gradient_accumulation_boundary():
+            if not boundary:
                 continue
             state.global_step += 1
             step = state.global_step
