@@ -5,16 +5,14 @@ import re
 
 import numpy as np
 import pytest
-import torch
 from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
 
 from defectvlm.config import params_from_dict
 from defectvlm.evaluate.metrics import best_threshold, binary_metrics
 from defectvlm.evaluate.run import evaluate
-from defectvlm.evaluate.scoring import answer_positions, parse_answer, score_samples, vocabulary
+from defectvlm.evaluate.scoring import parse_answer, score_samples
 from defectvlm.io import read_jsonl
 from defectvlm.models.tiny import build_tiny
-from defectvlm.train.data import image_parts, load_part
 
 CLASSES = ["incomplete_spreading", "over_melt", "slag", "streak"]
 
@@ -61,50 +59,20 @@ def test_answer_parser_is_lenient_and_counts_what_it_cannot_read(text, parsed, m
     assert result == {"regions": parsed, "missing": missing, "unknown_classes": unknown}
 
 
-def slow_reference(model, processor, sample, vocab) -> dict[str, float]:
-    """One forward per region: the conversation cut just before the region's label word (every
-    image part, the whole image and any region crops, sits in the prompt before the answer)."""
-    text = processor.apply_chat_template(sample["messages"], tokenize=False)
-    answer = sample["messages"][2]["content"]
-    answer_start = text.rindex(answer)
-    cache = {}
-    images = [load_part(part, cache) for part in image_parts(sample)]
-    scores = {}
-    for line in answer.split("\n"):
-        match = re.match(r"(R\d+): (abnormal|normal)", line)
-        if not match:
-            continue
-        cut = answer_start + answer.index(line) + len(match.group(1)) + 1  # before " abnormal"/" normal"
-        inputs = processor(text=[text[:cut]], images=images, return_tensors="pt")
-        logits = model(**inputs).logits[0, -1]
-        scores[match.group(1)] = float(torch.softmax(logits[[vocab.abnormal, vocab.normal]], dim=0)[0])
-    return scores
-
-
-def test_scoring_pass_equals_one_forward_per_region(sft_dir):
-    model, processor = build_tiny(3136, 200704)
-    samples = read_jsonl(sft_dir / "val.jsonl")[:3]
-    rows = score_samples(model, processor, samples, CLASSES, batch_size=3)
-    vocab = vocabulary(processor.tokenizer, CLASSES)
-    assert len(rows) == sum(len(s["meta"]["regions"]) for s in samples)
-    with torch.no_grad():
-        for sample in samples:
-            reference = slow_reference(model, processor, sample, vocab)
-            fast = {r["rid"]: r["score"] for r in rows if r["image_id"] == sample["image_id"]}
-            assert fast.keys() == reference.keys()
-            for rid, value in reference.items():
-                assert fast[rid] == pytest.approx(value, abs=1e-5)
-    abnormal = [r for r in rows if r["truth"] == "abnormal"]
-    assert all(sum(r["class_probs"].values()) == pytest.approx(1, abs=1e-4) for r in abnormal)
-
-
-def test_answer_positions_point_at_label_words():
-    _, processor = build_tiny(3136, 200704)
-    tokenizer = processor.tokenizer
-    ids, positions = answer_positions(tokenizer, "R1: normal\nR2: abnormal | slag\n结论：x")
-    assert tokenizer.decode([ids[positions["R1"][0]]]) == " normal"
-    assert tokenizer.decode([ids[positions["R2"][0]]]) == " abnormal"
-    assert tokenizer.decode([ids[positions["R2"][1]]]) == " slag"
+def test_answer_parser_reads_any_class_string_whole():
+    classes = ["条纹", "slag", "slag_heavy", "over melt"]
+    text = (
+        "R1：异常｜条纹\nR2: abnormal | slag_heavy\nR3: abnormal|slag。\nR4: abnormal | over melt\nR5: abnormal | 灰渣"
+    )
+    result = parse_answer(text, ["R1", "R2", "R3", "R4", "R5"], classes)
+    assert result["regions"] == {
+        "R1": ("abnormal", "条纹"),
+        "R2": ("abnormal", "slag_heavy"),
+        "R3": ("abnormal", "slag"),
+        "R4": ("abnormal", "over melt"),
+        "R5": ("abnormal", None),
+    }
+    assert result["unknown_classes"] == 1
 
 
 @pytest.mark.slow

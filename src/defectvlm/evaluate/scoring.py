@@ -1,112 +1,247 @@
-"""The scoring pass: one forward per image with the structured answer teacher-forced.
+"""The scoring pass: one forward per batch with the structured answer teacher-forced.
 
-For every region line `Rk: normal|abnormal | <class>` the logits just before the label word
-give P(abnormal) (a softmax over the first tokens of " abnormal" and " normal"), and for true
-abnormal regions the logits before the class word give the defect-type distribution (over
-each class's first token). Image score = max region score. No generation: fast and
-deterministic. `generate_answers` + `parse_answer` are the slow free-text alternative.
+Every region line `Rk: abnormal | <class>` (any spacing, ':' or '：', '|' or '｜', 异常/正常,
+any class string) holds decisions: its label word and, on abnormal lines, its class. A decision
+is scored by the log-probability of each alternative's whole token sequence at its place in the
+answer: P(abnormal) is a softmax over "abnormal" and "normal" (in the answer's language), the
+defect-type distribution a softmax over every class followed by what ends its line (so a class
+that is a token-prefix of another is not favoured). The alternatives' tokens ride along in the
+same forward as branches appended to their row, which see the conversation only up to their
+place (a tree-shaped attention mask) at the positions they would have there. One forward and
+one LM-head call per batch score everything; `shard` splits the samples over ranks with the
+same number of batches on each (ZeRO-3 gathers parameters on every call). Image score = max
+region score. `generate_answers` + `parse_answer` are the slow free-text alternative.
 """
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from defectvlm.errors import StepFailure
-from defectvlm.train.data import Collator, SftDataset
+from defectvlm.train.data import IGNORE_INDEX, Collator, SftDataset
 
-_LINE = r"R(\d+)\s*[:：]\s*(abnormal|normal|异常|正常)\s*(?:[|｜]\s*([A-Za-z_][\w-]*))?"
-LINE = re.compile(rf"^\s*{_LINE}", re.IGNORECASE)  # the canonical answer: a line starts with its region id
-LOOSE_LINE = re.compile(_LINE, re.IGNORECASE)  # free text: anywhere in a line
+LABEL_WORDS = (("abnormal", "normal"), ("异常", "正常"))  # (abnormal, normal) per answer language
+
+
+def line_pattern(classes: Sequence[str], anywhere: bool = False) -> re.Pattern:
+    """An answer line `R2: abnormal | slag`; the known classes are matched whole (longest first),
+    anything else up to a space or bar is an unknown class. `anywhere`: inside free text."""
+    known = "|".join(re.escape(c) for c in sorted(classes, key=len, reverse=True))
+    cls = rf"(?:{known})(?![\w-])|[^\s|｜]+" if known else r"[^\s|｜]+"
+    labels = "|".join(word for pair in LABEL_WORDS for word in pair)
+    line = rf"R(?P<rid>\d+)\s*[:：]\s*(?P<label>{labels})(?:\s*[|｜]\s*(?P<cls>{cls}))?"
+    return re.compile(line if anywhere else rf"^\s*{line}", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
-class Vocabulary:
-    """Token ids that decide a region's label and class, taken from the tokenizer itself."""
+class Decision:
+    """One choice in an answer: the answer text before it, its alternatives, and the text that
+    follows every alternative (a class's line end; empty for a label)."""
 
-    abnormal: int
-    normal: int
-    classes: dict[str, int]
-
-
-def _first_difference(tokenizer, texts: list[str]) -> list[int]:
-    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    position = 0
-    while all(len(e) > position for e in encoded) and len({e[position] for e in encoded}) == 1:
-        position += 1
-    return [e[position] for e in encoded]
+    rid: str
+    kind: str  # "label" (alternatives: abnormal, normal) or "class" (alternatives: the classes)
+    context: str
+    alternatives: tuple[str, ...]
+    ending: str = ""
 
 
-def vocabulary(tokenizer, classes: list[str]) -> Vocabulary:
-    abnormal, normal = _first_difference(tokenizer, ["R1: abnormal | x", "R1: normal"])
-    firsts = _first_difference(tokenizer, [f"R1: abnormal | {c}" for c in classes]) if len(classes) > 1 else []
-    if len(classes) == 1:
-        firsts = [tokenizer(f" {classes[0]}", add_special_tokens=False)["input_ids"][0]]
-    if len(set(firsts)) != len(firsts):
-        raise StepFailure(f"classes {classes} share a first token in this tokenizer; rename them in labels.label_map")
-    return Vocabulary(abnormal, normal, dict(zip(classes, firsts, strict=True)))
+def _label_alternatives(word: str) -> tuple[str, str]:
+    """(abnormal, normal) in the language and capitalisation of `word`."""
+    abnormal, normal = next(pair for pair in LABEL_WORDS if word.lower() in pair)
+    if word.isupper():
+        return abnormal.upper(), normal.upper()
+    if word[0].isupper():
+        return abnormal.capitalize(), normal.capitalize()
+    return abnormal, normal
 
 
-def answer_positions(tokenizer, answer: str) -> tuple[list[int], dict[str, tuple[int, int | None]]]:
-    """Tokens of the answer and, per region id, the token index of its label word and class word."""
-    encoding = tokenizer(answer, add_special_tokens=False, return_offsets_mapping=True)
-    starts = {start: i for i, (start, end) in enumerate(encoding["offset_mapping"]) if end > start}
-    positions: dict[str, tuple[int, int | None]] = {}
+def answer_decisions(answer: str, classes: Sequence[str], turn_end: str) -> dict[tuple[str, str], Decision]:
+    """(region id, kind) -> Decision for every region line of a canonical answer (first line
+    wins); `turn_end` is the text that closes the assistant turn (it ends a class on the last line)."""
+    pattern = line_pattern(classes)
+    decisions: dict[tuple[str, str], Decision] = {}
     offset = 0
     for line in answer.split("\n"):
-        match = LINE.match(line)
+        match = pattern.match(line)
         if match:
-            label_char = offset + match.start(2) - 1  # the label word's token starts at the space before it
-            class_char = offset + match.start(3) - 1 if match.group(3) else None
-            if label_char not in starts or (class_char is not None and class_char not in starts):
-                raise StepFailure(f"the tokenizer does not start a token at the label of {line!r}")
-            positions[f"R{match.group(1)}"] = (starts[label_char], starts[class_char] if class_char else None)
+            rid = f"R{match['rid']}"
+            label = Decision(rid, "label", answer[: offset + match.start("label")], _label_alternatives(match["label"]))
+            decisions.setdefault((rid, "label"), label)
+            if match["cls"] is not None and classes:
+                line_end = offset + len(line)
+                rest = answer[offset + match.end("cls") : line_end + 1]
+                ending = rest if line_end < len(answer) else rest + turn_end
+                context = answer[: offset + match.start("cls")]
+                decisions.setdefault((rid, "class"), Decision(rid, "class", context, tuple(classes), ending))
         offset += len(line) + 1
-    return encoding["input_ids"], positions
+    return decisions
+
+
+@dataclass(frozen=True)
+class Branch:
+    """An alternative's tokens, replacing its row's tokens from index `start` on."""
+
+    row: int
+    start: int
+    tokens: list[int]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def decision_branches(tokenizer, decision: Decision, turn_ids: list[int]) -> tuple[int, list[list[int]]]:
+    """Where the alternatives leave the answer's tokens (an index into `turn_ids`, the tokens of
+    the assistant turn), and each alternative's tokens from there on, found by tokenising the
+    answer text before the decision with each alternative and its ending."""
+    whole = [
+        tokenizer(decision.context + alternative + decision.ending, add_special_tokens=False)["input_ids"]
+        for alternative in decision.alternatives
+    ]
+    start = min(_common_prefix(ids, turn_ids) for ids in whole)
+    branches = [ids[start:] for ids in whole]
+    if not all(branches):
+        raise StepFailure(
+            f"{decision.rid}: the alternatives {list(decision.alternatives)} tokenize to the same tokens; "
+            "rename the classes in labels.label_map"
+        )
+    return start, branches
+
+
+def _with_branches(inputs: dict, branches: list[Branch], pad_id: int, dtype: torch.dtype) -> tuple[dict, list[int]]:
+    """The batch with every branch appended after its row: a branch sees its row's tokens before
+    its start and its own earlier tokens, at the positions its tokens would have in place."""
+    input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"].bool()
+    rows, length = input_ids.shape
+    used = [0] * rows
+    placed = []
+    for branch in branches:
+        placed.append(length + used[branch.row])
+        used[branch.row] += len(branch.tokens)
+    total = length + max(used, default=0)
+    ids = torch.full((rows, total), pad_id, dtype=input_ids.dtype)
+    ids[:, :length] = input_ids
+    positions = torch.arange(total).repeat(rows, 1)  # the model's own positions for its batches
+    allowed = torch.zeros(rows, total, total, dtype=torch.bool)
+    allowed[:, :length, :length] = torch.ones(length, length, dtype=torch.bool).tril() & attention_mask[:, None, :]
+    for branch, at in zip(branches, placed, strict=True):
+        n = len(branch.tokens)
+        span = slice(at, at + n)
+        ids[branch.row, span] = torch.tensor(branch.tokens, dtype=input_ids.dtype)
+        positions[branch.row, span] = torch.arange(branch.start, branch.start + n)
+        allowed[branch.row, span, : branch.start] = attention_mask[branch.row, : branch.start]
+        allowed[branch.row, span, span] = torch.ones(n, n, dtype=torch.bool).tril()
+    allowed |= torch.eye(total, dtype=torch.bool)  # padding attends to itself: no empty softmax row
+    mask = torch.zeros(rows, 1, total, total, dtype=dtype).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+    return {**inputs, "input_ids": ids, "attention_mask": mask, "position_ids": positions}, placed
+
+
+def branch_logprobs(model, inputs: dict, branches: list[Branch], pad_id: int) -> list[float]:
+    """log P(branch tokens | its row before its start) for every branch: one forward of the
+    language model and one LM-head call, whatever the number of branches."""
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    extended, placed = _with_branches(inputs, branches, pad_id, dtype)
+    extended = {k: v.to(device) for k, v in extended.items()}
+    extended["pixel_values"] = extended["pixel_values"].to(dtype)
+    rows, predecessors, targets, owners = [], [], [], []
+    for index, (branch, at) in enumerate(zip(branches, placed, strict=True)):
+        for j, token in enumerate(branch.tokens):
+            rows.append(branch.row)
+            predecessors.append(branch.start - 1 if j == 0 else at + j - 1)
+            targets.append(token)
+            owners.append(index)
+    hidden = _causal_lm(model).model(**extended).last_hidden_state
+    picked = hidden[_long(rows, hidden.device), _long(predecessors, hidden.device)]
+    logprobs = torch.log_softmax(_causal_lm(model).lm_head(picked).float(), dim=-1)
+    chosen = logprobs.gather(1, _long(targets, logprobs.device)[:, None])[:, 0].cpu()
+    sums = torch.zeros(len(branches), dtype=torch.float64)
+    sums.index_add_(0, _long(owners, "cpu"), chosen.double())
+    return sums.tolist()
+
+
+def _long(values: list[int], device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long, device=device)
 
 
 @torch.no_grad()
-def score_samples(model, processor, samples: list[dict], classes: list[str], batch_size: int = 4) -> list[dict]:
-    """Per region: score = P(abnormal), class probabilities (true abnormal regions), truth."""
-    tokenizer = processor.tokenizer
-    vocab = vocabulary(tokenizer, classes)
-    class_ids = torch.tensor(list(vocab.classes.values()))
+def score_samples(
+    model, processor, samples: list[dict], classes: list[str], batch_size: int = 4, shard: tuple[int, int] = (0, 1)
+) -> list[dict]:
+    """Per region of this rank's share (`shard` = (rank, world); samples rank, rank + world, ...):
+    score = P(abnormal), class probabilities (true abnormal regions), truth. Every rank runs the
+    same number of batches: one whose share is shorter scores a filler batch and drops it."""
+    if not samples:
+        return []
+    rank, world = shard
+    mine = samples[rank::world]
+    batches = math.ceil(math.ceil(len(samples) / world) / batch_size)
     collate = Collator(processor)
-    dataset = SftDataset(samples, processor)
+    tokenizer = processor.tokenizer
+    turn_end = tokenizer.convert_ids_to_tokens(collate.end_id)
+    dataset = SftDataset(mine or samples[:1], processor)
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
     rows = []
-    for start in range(0, len(samples), batch_size):
-        chunk = list(range(start, min(start + batch_size, len(samples))))
-        batch = collate([dataset[i] for i in chunk])
-        inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-        hidden = _last_hidden_state(model, inputs)
-        for row, index in enumerate(chunk):
-            sample = samples[index]
-            answer = sample["messages"][2]["content"]
-            answer_ids, positions = answer_positions(tokenizer, answer)
-            labels = batch["labels"][row]
-            answer_start = int((labels != -100).nonzero()[0])
-            found = batch["input_ids"][row, answer_start : answer_start + len(answer_ids)].tolist()
-            if found != answer_ids:
-                raise StepFailure(f"{sample['id']}: the answer tokenizes differently inside the conversation")
-            for region in sample["meta"]["regions"]:
-                label_at, class_at = positions[region["rid"]]
-                logits = _lm_head(model, hidden[row, answer_start + label_at - 1])
-                pair = torch.softmax(logits[[vocab.abnormal, vocab.normal]].float(), dim=0)
-                result = region_row(sample, region, float(pair[0]))
-                if class_at is not None:
-                    class_logits = _lm_head(model, hidden[row, answer_start + class_at - 1])
-                    probs = torch.softmax(class_logits[class_ids].float(), dim=0)
-                    result["class_probs"] = {c: round(float(p), 6) for c, p in zip(classes, probs, strict=True)}
-                    result["pred_cls"] = classes[int(probs.argmax())]
-                rows.append(result)
+    for k in range(batches):
+        chunk = list(range(k * batch_size, min((k + 1) * batch_size, len(mine))))
+        indices = chunk or [0]
+        scored = _score_batch(
+            model,
+            tokenizer,
+            collate([dataset[i] for i in indices]),
+            [dataset.samples[i] for i in indices],
+            classes,
+            turn_end,
+        )
+        if chunk:
+            rows += scored
     model.train(was_training)
+    return rows
+
+
+def _score_batch(model, tokenizer, batch: dict, samples: list[dict], classes: list[str], turn_end: str) -> list[dict]:
+    labels = batch.pop("labels")
+    branches: list[Branch] = []
+    wanted = []  # (row, region, label decision's first branch, class decision's first branch or None)
+    for row, sample in enumerate(samples):
+        in_turn = labels[row] != IGNORE_INDEX
+        turn_start = int(in_turn.nonzero()[0])
+        turn_ids = batch["input_ids"][row][in_turn].tolist()
+        decisions = answer_decisions(sample["messages"][2]["content"], classes, turn_end)
+        for region in sample["meta"]["regions"]:
+            if (region["rid"], "label") not in decisions:
+                raise StepFailure(
+                    f"{sample['id']}: the answer has no line like '{region['rid']}: abnormal | <class>' for region "
+                    f"{region['rid']}; the scoring pass reads these lines (sft templates: answers.*_line)"
+                )
+            firsts = []
+            for kind in ("label", "class"):
+                decision = decisions.get((region["rid"], kind))
+                firsts.append(len(branches) if decision else None)
+                if decision:
+                    start, tokens = decision_branches(tokenizer, decision, turn_ids)
+                    branches += [Branch(row, turn_start + start, t) for t in tokens]
+            wanted.append((row, region, *firsts))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    logprobs = torch.tensor(branch_logprobs(model, batch, branches, pad_id))
+    rows = []
+    for row, region, label_at, class_at in wanted:
+        pair = torch.softmax(logprobs[label_at : label_at + 2], dim=0)
+        result = region_row(samples[row], region, float(pair[0]))
+        if class_at is not None:
+            probs = torch.softmax(logprobs[class_at : class_at + len(classes)], dim=0)
+            result["class_probs"] = {c: round(float(p), 6) for c, p in zip(classes, probs, strict=True)}
+            result["pred_cls"] = classes[int(probs.argmax())]
+        rows.append(result)
     return rows
 
 
@@ -127,14 +262,6 @@ def region_row(sample: dict, region: dict, score: float) -> dict:
 def _causal_lm(model):
     """The transformers *ForConditionalGeneration inside a PEFT wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _last_hidden_state(model, inputs: dict) -> torch.Tensor:
-    return _causal_lm(model).model(**inputs).last_hidden_state
-
-
-def _lm_head(model, hidden: torch.Tensor) -> torch.Tensor:
-    return _causal_lm(model).lm_head(hidden)
 
 
 def image_scores(rows: list[dict]) -> dict[str, dict]:
@@ -163,7 +290,6 @@ def generate_answers(model, processor, samples: list[dict], max_new_tokens: int 
         cache: dict = {}
         images = [load_part(part, cache) for part in image_parts(sample)]
         inputs = processor(text=[prompt], images=images, return_tensors="pt").to(device)
-        inputs.pop("mm_token_type_ids", None)
         output = _causal_lm(model).generate(**inputs, max_new_tokens=budget, do_sample=False)
         answers.append(processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
     return answers
@@ -172,17 +298,18 @@ def generate_answers(model, processor, samples: list[dict], max_new_tokens: int 
 def parse_answer(text: str, region_ids: list[str], classes: list[str]) -> dict:
     """Lenient: lines like `R2: abnormal | slag` (also 异常/正常, full-width colon/bar, extra text).
     Never raises; regions without a readable line and unknown classes are counted."""
+    pattern = line_pattern(classes, anywhere=True)
     found: dict[str, tuple[str, str | None]] = {}
     unknown_classes = 0
     for line in str(text or "").splitlines():
-        match = LOOSE_LINE.search(line)
-        if not match or f"R{match.group(1)}" not in region_ids or f"R{match.group(1)}" in found:
+        match = pattern.search(line)
+        if not match or f"R{match['rid']}" not in region_ids or f"R{match['rid']}" in found:
             continue
-        label = "abnormal" if match.group(2).lower() in ("abnormal", "异常") else "normal"
-        cls = match.group(3)
+        label = "abnormal" if match["label"].lower() in [abnormal for abnormal, _ in LABEL_WORDS] else "normal"
+        cls = match["cls"]
         if cls is not None and cls not in classes:
             unknown_classes += 1
             cls = None
-        found[f"R{match.group(1)}"] = (label, cls)
+        found[f"R{match['rid']}"] = (label, cls)
     missing = [rid for rid in region_ids if rid not in found]
     return {"regions": found, "missing": missing, "unknown_classes": unknown_classes}

@@ -12,13 +12,10 @@ exactly: weights, optimizer, scheduler, RNG states and the position in the data 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
-import os
 import random
 import shutil
-import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,14 +30,14 @@ from rich.table import Table
 from defectvlm.config import Params, PhaseParams, params_to_dict
 from defectvlm.data.sft import load_knowledge, load_templates
 from defectvlm.errors import StepFailure
-from defectvlm.evaluate.metrics import best_threshold
-from defectvlm.evaluate.scoring import score_samples
 from defectvlm.io import read_json_file, read_jsonl, write_json_atomic
 from defectvlm.models.families import get_family
 from defectvlm.models.loading import load_base
 from defectvlm.train.artifacts import load_trained, prompt_config, save_trained, trained_tensors
-from defectvlm.train.data import IGNORE_INDEX, Collator, SftDataset, batches, token_efficiency
+from defectvlm.train.data import Collator, SftDataset, batches, token_efficiency
+from defectvlm.train.distributed import init_distributed, mean_across_ranks, weights_digest
 from defectvlm.train.phases import apply_phase, canonical, check_invariants, param_groups, trainable_table
+from defectvlm.train.validation import to_device, validation_metrics
 
 console = Console(stderr=True, soft_wrap=True)
 CHECKPOINTS = "checkpoints"
@@ -60,28 +57,6 @@ class TrainerState:
 
 
 # --- setup -----------------------------------------------------------------------------
-
-
-def init_distributed() -> tuple[int, int]:
-    """Rank and world size; a plain `defectvlm train` is a world of one."""
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if "RANK" in os.environ:  # launched by torchrun
-            deepspeed.init_distributed(dist_backend=backend, verbose=False)
-        else:  # a world of one on a free port; MASTER_* stay unset so child processes (torchrun) pick their own
-            os.environ.setdefault("LOCAL_RANK", "0")  # DeepSpeed's engine reads it
-            with socket.socket() as probe:
-                probe.bind(("127.0.0.1", 0))
-                port = probe.getsockname()[1]
-            deepspeed.init_distributed(
-                dist_backend=backend,
-                init_method=f"tcp://127.0.0.1:{port}",
-                rank=0,
-                world_size=1,
-                auto_mpi_discovery=False,
-                verbose=False,
-            )
-    return dist.get_rank(), dist.get_world_size()
 
 
 def phase_dir(params: Params, phase: int) -> Path:
@@ -226,9 +201,8 @@ def train_phase(params: Params, phase_number: int, sft_dir: Path, resume: bool =
     logger = tracking.phase_logger(params, phase_number, table) if (tracking and rank == 0) else None
 
     def evaluate_and_keep_best(step: int) -> None:
-        metrics = {"eval_loss": evaluation_loss(engine, val_set, collate, params.train.batch_size, rank, world)}
-        if params.train.metric_for_best_model == "roi_f1":
-            metrics["roi_f1"] = validation_roi_f1(engine, processor, val_set, classes, rank, world)
+        with_roi_f1 = params.train.metric_for_best_model == "roi_f1"
+        metrics = validation_metrics(engine, processor, val_set, classes, params.train.batch_size, with_roi_f1)
         value = metrics[params.train.metric_for_best_model]
         best = state.best_metric
         if best is None or (value > best if params.train.greater_is_better else value < best):
@@ -254,21 +228,22 @@ def train_phase(params: Params, phase_number: int, sft_dir: Path, resume: bool =
             efficiency_n += 1
             tokens_real += int(batch["attention_mask"].sum())
             tokens_padded += batch["attention_mask"].numel()
-            loss = engine(**_to_device(batch, engine)).loss
+            loss = engine(**to_device(batch, engine)).loss
+            boundary = engine.is_gradient_accumulation_boundary()  # asked after step(), it is the next micro's
             engine.backward(loss)
             engine.step()
             running_loss += loss.item()
             running_n += 1
             state.epoch, state.micro_in_epoch = epoch, micro + 1
-            if not engine.is_gradient_accumulation_boundary():
+            if not boundary:
                 continue
             state.global_step += 1
             step = state.global_step
             if step % params.train.logging_steps == 0 or step == total_steps:
                 record = {
                     "step": step,
-                    "loss": _mean_across_ranks(running_loss / running_n),
-                    "token_efficiency": _mean_across_ranks(efficiency_sum / efficiency_n),
+                    "loss": mean_across_ranks(running_loss / running_n),
+                    "token_efficiency": mean_across_ranks(efficiency_sum / efficiency_n),
                     **{f"lr_{g['name']}": lr for g, lr in zip(groups, scheduler.get_last_lr(), strict=True)},
                 }
                 running_loss, running_n = 0.0, 0
@@ -294,7 +269,7 @@ def train_phase(params: Params, phase_number: int, sft_dir: Path, resume: bool =
         "steps_per_epoch": steps_per_epoch,
         "best_step": state.best_step,
         params.train.metric_for_best_model: state.best_metric,
-        "token_efficiency": round(_mean_across_ranks(efficiency_sum / max(1, efficiency_n)), 4),
+        "token_efficiency": round(mean_across_ranks(efficiency_sum / max(1, efficiency_n)), 4),
         "tokens": {"real": tokens_real * world, "padded": tokens_padded * world},
         "train_seconds": round(time.perf_counter() - started, 2),
         "train_samples": len(train_set),
@@ -315,33 +290,11 @@ def train_phase(params: Params, phase_number: int, sft_dir: Path, resume: bool =
     return metrics
 
 
-def _to_device(batch: dict, engine) -> dict:
-    device = engine.device
-    dtype = next(p.dtype for p in engine.module.parameters())
-    moved = {}
-    for key, value in batch.items():
-        value = value.to(device)
-        if value.is_floating_point():
-            value = value.to(dtype)
-        moved[key] = value
-    return moved
-
-
 def _gathered(engine, parameters: list[torch.nn.Parameter]):
     """Full tensors inside the block: ZeRO-3 partitions parameters across ranks."""
     if engine.zero_optimization_stage() == 3:
         return deepspeed.zero.GatheredParameters(parameters)
     return contextlib.nullcontext()
-
-
-def weights_digest(named_tensors) -> str:
-    """A digest of trained tensors (name, shape, bytes), equal iff the weights are equal."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(named_tensors, key=lambda item: item[0]):
-        digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def _digests_across_ranks(engine) -> list[str]:
@@ -353,37 +306,6 @@ def _digests_across_ranks(engine) -> list[str]:
     everyone: list[str | None] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     return everyone
-
-
-def _mean_across_ranks(value: float) -> float:
-    tensor = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(tensor)
-    return float(tensor.item() / dist.get_world_size())
-
-
-@torch.no_grad()
-def evaluation_loss(engine, val_set: SftDataset, collate: Collator, batch_size: int, rank: int, world: int) -> float:
-    """Token-weighted mean loss over the answer tokens of the whole validation split."""
-    engine.eval()
-    total = torch.zeros(2, dtype=torch.float64)
-    indices = list(range(len(val_set)))
-    for start in range(rank * batch_size, len(indices), batch_size * world):
-        batch = collate([val_set[i] for i in indices[start : start + batch_size]])
-        tokens = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        loss = engine(**_to_device(batch, engine)).loss
-        total += torch.tensor([loss.item() * tokens, tokens], dtype=torch.float64)
-    dist.all_reduce(total)
-    engine.train()
-    return float(total[0] / max(total[1], 1))
-
-
-def validation_roi_f1(engine, processor, val_set: SftDataset, classes: list[str], rank: int, world: int) -> float:
-    """The scoring pass on val (sharded over ranks): ROI-level F1 at its best threshold."""
-    mine = score_samples(engine.module, processor, val_set.samples[rank::world], classes)
-    everyone: list[list[dict] | None] = [None] * world
-    dist.all_gather_object(everyone, mine)
-    rows = [row for part in everyone for row in part]
-    return best_threshold([int(r["truth"] == "abnormal") for r in rows], [r["score"] for r in rows])[1]
 
 
 def save_best(engine, directory: Path, processor, family, info: dict, rank: int, prompt: dict) -> None:
