@@ -32,7 +32,7 @@ _TRAIN_KEYS = tuple(
 _TRAIN_CODE = (
     *_CORE,
     *_MODEL_CODE,
-    *(_SRC + f"train/{f}.py" for f in ("artifacts", "data", "loop", "phases")),
+    *(_SRC + f"train/{f}.py" for f in ("artifacts", "data", "distributed", "loop", "phases", "validation")),
     *(_SRC + f"evaluate/{f}.py" for f in ("metrics", "scoring")),
     _SRC + "data/sft.py",
     _SRC + "data/templates",
