@@ -14,6 +14,7 @@ from rich.table import Table
 
 from defectvlm.cluster.pipeline import add_arguments as add_pipeline_arguments
 from defectvlm.config import SPLITS, ConfigError, Params, field_docs, load_params, params_from_dict, params_to_dict
+from defectvlm.data.demo.items import DEFAULT_COUNT
 from defectvlm.errors import StepFailure
 from defectvlm.io import read_jsonl, read_splits, write_json_atomic, write_jsonl_atomic, write_splits
 
@@ -301,8 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo-data", help="Write the synthetic demo dataset (deterministic).")
     p.add_argument("--out", default="data/raw", help="output folder (default: data/raw)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-abnormal", type=int, default=120)
-    p.add_argument("--n-normal", type=int, default=120)
+    p.add_argument("--n-abnormal", type=int, default=DEFAULT_COUNT)
+    p.add_argument("--n-normal", type=int, default=DEFAULT_COUNT)
     p.add_argument("--label-format", choices=("semicolon", "yolo", "labelstudio"), default="semicolon")
     p.add_argument("--workers", type=int, default=2, help="processes (output is identical for any number)")
     p.set_defaults(func=cmd_demo_data)
