@@ -16,6 +16,7 @@ from rich.table import Table
 
 from defectvlm.cluster.pipeline import add_arguments as add_pipeline_arguments
 from defectvlm.config import ConfigError, Params, field_docs, load_params, params_from_dict, params_to_dict
+from defectvlm.data.demo.items import DEFAULT_COUNT
 from defectvlm.errors import StepFailure, report_failure
 from defectvlm.io import write_json_atomic
 from defectvlm.serve.run import add_arguments as add_serve_arguments
@@ -182,8 +183,8 @@ def build_parser(steps: dict[str, Step] = STEPS) -> argparse.ArgumentParser:
     p = sub.add_parser("demo-data", help="Write the synthetic demo dataset (deterministic).")
     p.add_argument("--out", default="data/raw", help="output folder (default: data/raw)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-abnormal", type=int, default=120)
-    p.add_argument("--n-normal", type=int, default=120)
+    p.add_argument("--n-abnormal", type=int, default=DEFAULT_COUNT)
+    p.add_argument("--n-normal", type=int, default=DEFAULT_COUNT)
     p.add_argument("--label-format", choices=("semicolon", "yolo", "labelstudio"), default="semicolon")
     p.add_argument("--workers", type=int, default=2, help="processes (output is identical for any number)")
     p.set_defaults(func=cmd_demo_data)

@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from defectvlm.data.demo import DEFECT_CLASSES, DemoSummary, generate_demo
+from defectvlm.config import load_params
+from defectvlm.data.demo import DEFAULT_COUNT, DEFECT_CLASSES, DemoSummary, generate_demo
+from defectvlm.data.demo.items import ABNORMAL, NORMAL, ItemJob
+from defectvlm.data.split import split_manifest
 
 FULLWIDTH_SEMICOLON = "\uff1b"
 RAW_TO_CLASS = {raw: cls for cls, raw in DEFECT_CLASSES.items()}
@@ -133,7 +136,8 @@ def test_layout_spreads_uniquely_named_images_over_batches(
 
     assert paths == sorted(paths)
     assert len({Path(p).name for p in paths}) == len(paths)
-    assert {Path(p).parent.name for p in paths} == {f"batch_{i:02d}" for i in range(1, 13)}
+    # 30 abnormal images fill the first 30 batch folders, one each; the 4 normal ones share the first 4
+    assert {Path(p).parent.name for p in paths} == {f"batch_{i:02d}" for i in range(1, 31)}
     for record in truth:
         image = out / record["path"]
         assert image.is_file()
@@ -311,3 +315,19 @@ def test_a_folder_with_other_image_roots_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not a demo dataset"):
         generate_demo(tmp_path, n_abnormal=1, n_normal=1)
     assert (tmp_path / "abnormal_root" / "factory.jpg").exists()
+
+
+def test_default_demo_gives_val_and_test_several_groups_of_at_least_40_images(tmp_path: Path) -> None:
+    """The default layout under the demo's split parameters (params.yaml): folders are the groups."""
+    records = []
+    for kind in (ABNORMAL, NORMAL):
+        for index in range(DEFAULT_COUNT):
+            job = ItemJob(tmp_path, 0, kind, index, "semicolon")
+            record = {"id": job.relative_image_path, "label": kind.label, "boxes": [], "group": job.batch}
+            records.append({**record, "path": job.relative_image_path, "blake3": job.relative_image_path})
+    result = split_manifest(records, load_params(Path(__file__).parents[2] / "params.yaml").split)
+    for name in ("val", "test"):
+        rows = result.splits[name]
+        assert len(rows) >= 40, (name, len(rows))
+        assert len({row["split_group"] for row in rows}) >= 4, name
+        assert {row["label"] for row in rows} == {"abnormal", "normal"}

@@ -1,4 +1,6 @@
-"""Base models and processors: the offline tiny model, or a checkpoint from a local path or hub id."""
+"""Base models and processors: the offline tiny model (`tiny` or `tiny-random`: random weights;
+`tiny-pretrained`: the weights `python -m defectvlm.models.pretrain_tiny` writes into the
+package), or a checkpoint from a local path or hub id."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ from defectvlm.config import ModelParams
 from defectvlm.errors import StepFailure
 from defectvlm.models.attention import resolve_attn_implementation
 from defectvlm.models.families import get_family
+
+TINY_NAMES = ("tiny", "tiny-random", "tiny-pretrained")
 
 
 def load_base(model: ModelParams, qlora: bool = False):
@@ -20,13 +24,17 @@ def load_base(model: ModelParams, qlora: bool = False):
         from defectvlm.models.tiny_families import build_tiny_family
 
         return build_tiny_family(model.family, model.min_pixels, model.max_pixels, attn_implementation)
-    if model.name_or_path == "tiny":
+    if model.name_or_path in TINY_NAMES:
         if model.family != "qwen2_5_vl":
-            raise StepFailure("model.name_or_path 'tiny' is a qwen2_5_vl model; set model.family: qwen2_5_vl")
+            raise StepFailure(
+                f"model.name_or_path '{model.name_or_path}' is a qwen2_5_vl model; set model.family: qwen2_5_vl"
+            )
         if qlora:
             raise StepFailure("train.qlora needs a real checkpoint on a CUDA GPU; the tiny model trains in fp32")
-        from defectvlm.models.tiny import build_tiny
+        from defectvlm.models.tiny import build_tiny, load_pretrained_tiny
 
+        if model.name_or_path == "tiny-pretrained":
+            return load_pretrained_tiny(model.min_pixels, model.max_pixels)
         return build_tiny(model.min_pixels, model.max_pixels)
 
     import transformers

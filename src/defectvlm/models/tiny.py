@@ -1,14 +1,18 @@
-"""A tiny Qwen2.5-VL built offline: random weights, a byte-level BPE tokenizer trained on the
-project's own templates, and the real Qwen2.5-VL processor classes around it.
+"""A tiny Qwen2.5-VL built offline: a byte-level BPE tokenizer trained on the project's own
+templates and the real Qwen2.5-VL processor classes around it, with either random weights
+(`tiny` / `tiny-random`, `build_tiny`) or weights pretrained on a generic image-text corpus
+(`tiny-pretrained`, `load_pretrained_tiny`: the files `python -m defectvlm.models.pretrain_tiny`
+writes into the package; none are shipped yet, see README "Learning proof").
 
-Everything is derived from fixed seeds and files in the package, so `tiny` is the same
-model on every machine: tests, the demo and evaluation can rebuild the base the adapters
-were trained on instead of shipping weights. Small enough to train on 2 CPU cores.
+Everything is derived from fixed seeds and files in the package, so both are the same model
+on every machine. Small enough to train on 2 CPU cores.
 """
 
 from __future__ import annotations
 
+import json
 from importlib import resources
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -20,6 +24,8 @@ from transformers import (
     Qwen2VLImageProcessor,
 )
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+from defectvlm.errors import StepFailure
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -84,7 +90,17 @@ def _tokenizer_corpus() -> list[str]:
     return texts
 
 
+PRETRAINED = resources.files("defectvlm.models").joinpath("tiny_pretrained")
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+RECIPE_KEY = "defectvlm_recipe"  # the one metadata entry of the weights file: JSON, see pretrain_tiny
+
+
 def build_tokenizer() -> PreTrainedTokenizerFast:
+    return _wrap_tokenizer(train_tokenizer_core())
+
+
+def train_tokenizer_core() -> Tokenizer:
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
@@ -95,6 +111,10 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         show_progress=False,
     )
     core.train_from_iterator(_tokenizer_corpus(), trainer=trainer)
+    return core
+
+
+def _wrap_tokenizer(core: Tokenizer) -> PreTrainedTokenizerFast:
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
         eos_token="<|im_end|>",
@@ -106,8 +126,10 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return tokenizer
 
 
-def build_processor(min_pixels: int, max_pixels: int) -> Qwen2_5_VLProcessor:
-    tokenizer = build_tokenizer()
+def build_processor(
+    min_pixels: int, max_pixels: int, tokenizer: PreTrainedTokenizerFast | None = None
+) -> Qwen2_5_VLProcessor:
+    tokenizer = tokenizer or build_tokenizer()
     image_processor = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
     return Qwen2_5_VLProcessor(
         image_processor=image_processor,
@@ -148,3 +170,37 @@ def build_tiny(min_pixels: int, max_pixels: int) -> tuple[Qwen2_5_VLForCondition
         torch.random.set_rng_state(generator_state)
     model.eval()
     return model, processor
+
+
+def pretrained_recipe(folder: Path | None = None) -> dict:
+    """How pretrained weights were made: the pretraining script's arguments and corpus digest."""
+    from safetensors import safe_open
+
+    with safe_open(str(_pretrained_file(folder, WEIGHTS_FILE)), "pt") as weights:
+        return json.loads(weights.metadata()[RECIPE_KEY])
+
+
+def load_pretrained_tiny(
+    min_pixels: int, max_pixels: int, folder: Path | None = None
+) -> tuple[Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor]:
+    """The tiny model with pretrained weights (default: the package's) and the tokenizer they were trained with."""
+    from safetensors.torch import load_file
+
+    core = Tokenizer.from_str(_pretrained_file(folder, TOKENIZER_FILE).read_text("utf-8"))
+    processor = build_processor(min_pixels, max_pixels, _wrap_tokenizer(core))
+    generator_state = torch.random.get_rng_state()  # the random init below is overwritten: leave no trace
+    try:
+        model = Qwen2_5_VLForConditionalGeneration(tiny_config(processor.tokenizer))
+    finally:
+        torch.random.set_rng_state(generator_state)
+    model.load_state_dict(load_file(str(_pretrained_file(folder, WEIGHTS_FILE))), strict=True)
+    model.eval()
+    return model, processor
+
+
+def _pretrained_file(folder: Path | None, name: str) -> Path:
+    path = Path(str(PRETRAINED)) / name if folder is None else folder / name
+    if not path.is_file():
+        command = "python -m defectvlm.models.pretrain_tiny"
+        raise StepFailure(f"no pretrained tiny weights at {path}; make them with `{command}`")
+    return path

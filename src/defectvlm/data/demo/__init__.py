@@ -28,6 +28,7 @@ from defectvlm.data.demo.defects import defect_classes, paint_defects
 from defectvlm.data.demo.items import (
     ABNORMAL,
     CANONICAL_CLASSES,
+    DEFAULT_COUNT,
     DEFECT_CLASSES,
     LABEL_FORMATS,
     NORMAL,
@@ -44,7 +45,7 @@ from defectvlm.data.demo.label_files import (
 )
 from defectvlm.io import write_bytes_atomic
 
-__all__ = ["DEFECT_CLASSES", "LABEL_FORMATS", "DemoSummary", "generate_demo"]
+__all__ = ["DEFAULT_COUNT", "DEFECT_CLASSES", "LABEL_FORMATS", "DemoSummary", "generate_demo"]
 
 _ROTATED_FRACTION = 0.05
 _TRUTH_FILE = "demo_truth.jsonl"
@@ -78,8 +79,8 @@ def generate_demo(
     out: Path,
     *,
     seed: int = 0,
-    n_abnormal: int = 120,
-    n_normal: int = 120,
+    n_abnormal: int = DEFAULT_COUNT,
+    n_normal: int = DEFAULT_COUNT,
     label_format: str = "semicolon",
     workers: int = 1,
 ) -> DemoSummary:

@@ -18,7 +18,10 @@ DEFECT_CLASSES: dict[str, str] = {
 LABEL_FORMATS = ("semicolon", "yolo", "labelstudio")
 CANONICAL_CLASSES = tuple(DEFECT_CLASSES)
 
-BATCH_COUNT = 12
+# Many small batch folders (3 abnormal + 3 normal images each at the default counts): the split
+# groups by folder, so val and test each get several of them (>= 40 images) under split.seed 42.
+BATCH_COUNT = 60
+DEFAULT_COUNT = 180  # images per root
 
 FloatImage = np.ndarray  # float32, shape (height, width), grey levels around 0..255
 
