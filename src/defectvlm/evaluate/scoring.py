@@ -116,9 +116,13 @@ def decision_branches(tokenizer, decision: Decision, turn_ids: list[int]) -> tup
     return start, branches
 
 
-def _with_branches(inputs: dict, branches: list[Branch], pad_id: int, dtype: torch.dtype) -> tuple[dict, list[int]]:
+def _with_branches(
+    inputs: dict, branches: list[Branch], pad_id: int, dtype: torch.dtype, positions: torch.Tensor
+) -> tuple[dict, list[int]]:
     """The batch with every branch appended after its row: a branch sees its row's tokens before
-    its start and its own earlier tokens, at the positions its tokens would have in place."""
+    its start and its own earlier tokens, at the positions its tokens would have in place.
+    `positions`: the model's own position ids of the batch, (rows, length) or, for M-RoPE,
+    (sections, rows, length); a branch is text, so its j-th token sits at its start's position + j."""
     input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"].bool()
     rows, length = input_ids.shape
     used = [0] * rows
@@ -129,19 +133,48 @@ def _with_branches(inputs: dict, branches: list[Branch], pad_id: int, dtype: tor
     total = length + max(used, default=0)
     ids = torch.full((rows, total), pad_id, dtype=input_ids.dtype)
     ids[:, :length] = input_ids
-    positions = torch.arange(total).repeat(rows, 1)  # the model's own positions for its batches
+    extended_positions = torch.zeros((*positions.shape[:-1], total), dtype=positions.dtype)
+    extended_positions[..., :length] = positions
     allowed = torch.zeros(rows, total, total, dtype=torch.bool)
     allowed[:, :length, :length] = torch.ones(length, length, dtype=torch.bool).tril() & attention_mask[:, None, :]
     for branch, at in zip(branches, placed, strict=True):
         n = len(branch.tokens)
         span = slice(at, at + n)
         ids[branch.row, span] = torch.tensor(branch.tokens, dtype=input_ids.dtype)
-        positions[branch.row, span] = torch.arange(branch.start, branch.start + n)
+        start = extended_positions[..., branch.row, branch.start]
+        extended_positions[..., branch.row, span] = start[..., None] + torch.arange(n)
         allowed[branch.row, span, : branch.start] = attention_mask[branch.row, : branch.start]
         allowed[branch.row, span, span] = torch.ones(n, n, dtype=torch.bool).tril()
     allowed |= torch.eye(total, dtype=torch.bool)  # padding attends to itself: no empty softmax row
     mask = torch.zeros(rows, 1, total, total, dtype=dtype).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
-    return {**inputs, "input_ids": ids, "attention_mask": mask, "position_ids": positions}, placed
+    extended = {**inputs, "input_ids": ids, "attention_mask": mask, "position_ids": extended_positions}
+    if "mm_token_type_ids" in inputs:  # branch tokens are text (type 0)
+        types = torch.zeros((rows, total), dtype=inputs["mm_token_type_ids"].dtype)
+        types[:, :length] = inputs["mm_token_type_ids"]
+        extended["mm_token_type_ids"] = types
+    return extended, placed
+
+
+def model_positions(model, inputs: dict) -> torch.Tensor:
+    """The position ids the model itself gives this batch: M-RoPE's (sections, rows, length) for
+    the Qwen-VL families (from the image grid and token types), else 0..length-1 per row."""
+    base = _causal_lm(model).model
+    rows, length = inputs["input_ids"].shape
+    if hasattr(base, "compute_3d_position_ids") and inputs.get("mm_token_type_ids") is not None:
+        saved = getattr(base, "rope_deltas", None)
+        positions = base.compute_3d_position_ids(
+            input_ids=inputs["input_ids"],
+            image_grid_thw=inputs.get("image_grid_thw"),
+            video_grid_thw=None,
+            inputs_embeds=None,
+            attention_mask=inputs["attention_mask"],
+            past_key_values=None,
+            mm_token_type_ids=inputs["mm_token_type_ids"],
+        )
+        base.rope_deltas = saved
+        if positions is not None:
+            return positions.cpu()
+    return torch.arange(length).repeat(rows, 1)
 
 
 def branch_logprobs(model, inputs: dict, branches: list[Branch], pad_id: int) -> list[float]:
@@ -149,7 +182,10 @@ def branch_logprobs(model, inputs: dict, branches: list[Branch], pad_id: int) ->
     language model and one LM-head call, whatever the number of branches."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    extended, placed = _with_branches(inputs, branches, pad_id, dtype)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    extended, placed = _with_branches(
+        {k: v.cpu() for k, v in inputs.items()}, branches, pad_id, dtype, model_positions(model, inputs)
+    )
     extended = {k: v.to(device) for k, v in extended.items()}
     extended["pixel_values"] = extended["pixel_values"].to(dtype)
     rows, predecessors, targets, owners = [], [], [], []
