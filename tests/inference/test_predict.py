@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 from pathlib import Path
 
 import pytest
@@ -196,7 +197,8 @@ def test_serve_sends_the_model_the_prompts_predict_sends_and_answers_the_same_re
 ):
     """The same image (its default grid, then given boxes) through `predict` and through
     /v1/inspect: every sample of both scoring passes renders to the same bytes with the same
-    pixels, and the records agree (scores within 1e-6)."""
+    pixels, and the records agree (scores within 1e-6). The model's threshold is set to the
+    median region score so both passes run with flagged and normal regions mixed."""
     import defectvlm.inference.predict as predict_module
     from defectvlm.config import ServeParams, load_params
     from defectvlm.serve.app import create_app
@@ -204,7 +206,9 @@ def test_serve_sends_the_model_the_prompts_predict_sends_and_answers_the_same_re
     from tests.conftest import REPO
     from tests.serve.conftest import b64, running
 
-    folder, processor = trained[2], trained[1]
+    processor = trained[1]
+    folder = tmp_path / "model"
+    shutil.copytree(trained[2], folder)
     name = good_names(images)[0]
     one = tmp_path / "one"
     one.mkdir()
@@ -226,7 +230,7 @@ def test_serve_sends_the_model_the_prompts_predict_sends_and_answers_the_same_re
 
     def by_predict(*regions) -> tuple[dict, list]:
         sent.clear()
-        out = tmp_path / f"predict{len(regions)}"
+        out = tmp_path / f"predict{len(list(tmp_path.glob('predict*')))}"
         # one sample per forward pass, as serve scores a lone request: padding in a batch moves scores ~1e-7
         assert predict(out, folder, "--images", one, "--batch-size", 1, *regions) == 0
         return records(out)[name], list(sent)
@@ -237,6 +241,9 @@ def test_serve_sends_the_model_the_prompts_predict_sends_and_answers_the_same_re
         assert response.status_code == 200, response.text
         return response.json(), list(sent)
 
+    first_pass = [r["p_abnormal"] for r in by_predict()[0]["regions"]]  # the threshold does not change them
+    inference = json.loads((folder / "inference.json").read_text())
+    (folder / "inference.json").write_text(json.dumps({**inference, "threshold": statistics.median(first_pass)}))
     grid_predicted, grid_prompts = by_predict()
     boxes_predicted, boxes_prompts = by_predict("--regions", boxes_file)
     picture = b64((one / name).read_bytes())

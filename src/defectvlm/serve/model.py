@@ -12,12 +12,14 @@ from __future__ import annotations
 import io
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from defectvlm.config import Params
 from defectvlm.errors import StepFailure
-from defectvlm.inference.loading import InferenceConfig, LoadedModel
-from defectvlm.inference.predict import ImageToJudge, default_regions, judge_images
-from defectvlm.inference.sources import Region
+
+if TYPE_CHECKING:  # the model code loads with the model, not with the request schemas
+    from defectvlm.inference.loading import LoadedModel
+    from defectvlm.inference.predict import ImageToJudge
 
 BASE_URI = "base"
 BASE_THRESHOLD = 0.5  # the untrained base has no threshold chosen on val
@@ -59,6 +61,9 @@ class Scorer:
         return self.loaded.processor
 
     def to_judge(self, image: ImageInput) -> ImageToJudge:
+        from defectvlm.inference.predict import ImageToJudge, default_regions
+        from defectvlm.inference.sources import Region
+
         if image.boxes is None:
             candidates = default_regions(image.width, image.height, self.loaded.config)
         else:
@@ -67,6 +72,8 @@ class Scorer:
 
     def score(self, images: list[ImageInput]) -> list[dict]:
         """One predictions.jsonl record per image (in order), the batch scored together."""
+        from defectvlm.inference.predict import judge_images
+
         judged = [self.to_judge(image) for image in images]
         return judge_images(self.loaded, judged, self.threshold, batch_size=max(1, len(images)))
 
@@ -96,6 +103,7 @@ def load_scorer(uri: str, params: Params, device: str | None = None) -> Scorer:
 def base_model(params: Params) -> LoadedModel:
     """The untrained base of `params.model` with the prompt config training would save."""
     from defectvlm.data.sft import load_knowledge, load_templates
+    from defectvlm.inference.loading import InferenceConfig, LoadedModel
     from defectvlm.models.loading import load_base
     from defectvlm.train.artifacts import prompt_config
 
