@@ -464,7 +464,6 @@ class ServeParams:
     max_body_bytes: int = param(20_000_000, "Largest request body; larger uploads get 413 before they are read.")
     max_image_pixels: int = param(40_000_000, "Largest image (width x height, from the header); larger get 413.")
     max_boxes: int = param(32, "Most boxes in one request.")
-    default_grid: int = param(2, "Without boxes, the image is judged as a grid of N x N windows.")
     max_new_tokens: int = param(256, "Largest answer of /v1/chat/completions (a request may ask for fewer).")
     token_env: str = param("DEFECTVLM_SERVE_TOKEN", "Environment variable with the bearer token; unset: no auth.")
     follow_interval_s: float = param(30.0, "How often a models:/name@alias model asks the registry if it moved.")
@@ -478,8 +477,8 @@ class ServeParams:
         for key in ("max_wait_ms", "request_timeout_s", "follow_interval_s"):
             if getattr(self, key) < 0:
                 _fail(f"serve.{key}", f"must be >= 0, got {getattr(self, key)}")
-        if not 1 <= self.default_grid <= 8 or self.max_new_tokens < 1:
-            _fail("serve.default_grid", "default_grid must be within 1..8 and max_new_tokens >= 1")
+        if self.max_new_tokens < 1:
+            _fail("serve.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
 
 
 @dataclass(frozen=True)

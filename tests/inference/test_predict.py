@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 from pathlib import Path
 
 import pytest
+import requests
 
 from defectvlm.inference.loading import load_model
 from defectvlm.inference.predict import region_prompt_sample
@@ -188,3 +190,84 @@ def test_bad_model_images_and_sources_exit_with_a_message(trained, images, tmp_p
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     assert predict(tmp_path / "o", "models:/m@champion", "--images", images) == 1
     assert "has no alias @champion of m" in capsys.readouterr().err
+
+
+def test_serve_sends_the_model_the_prompts_predict_sends_and_answers_the_same_records(
+    trained, images, tmp_path, monkeypatch
+):
+    """The same image (its default grid, then given boxes) through `predict` and through
+    /v1/inspect: every sample of both scoring passes renders to the same bytes with the same
+    pixels, and the records agree (scores within 1e-6). The model's threshold is set to the
+    median region score so both passes run with flagged and normal regions mixed."""
+    import defectvlm.inference.predict as predict_module
+    from defectvlm.config import ServeParams, load_params
+    from defectvlm.serve.app import create_app
+    from defectvlm.serve.model import load_scorer
+    from tests.conftest import REPO
+    from tests.serve.conftest import b64, running
+
+    processor = trained[1]
+    folder = tmp_path / "model"
+    shutil.copytree(trained[2], folder)
+    name = good_names(images)[0]
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy(images / name, one / name)
+    boxes = [[2, 3, 300, 240], [400, 100, 900, 500], [10, 500, 200, 580]]
+    boxes_file = tmp_path / "boxes.jsonl"
+    boxes_file.write_text(json.dumps({"image": name, "boxes": [{"xyxy": b} for b in boxes]}) + "\n")
+
+    sent: list[tuple[str, bytes]] = []
+    score_samples = predict_module.score_samples
+
+    def recording(model, processor_, samples, classes, batch_size):
+        for sample in samples:
+            text = processor.apply_chat_template(sample["messages"], tokenize=False)
+            sent.append((text, load_image(sample["images"][0]).tobytes()))
+        return score_samples(model, processor_, samples, classes, batch_size)
+
+    monkeypatch.setattr(predict_module, "score_samples", recording)
+
+    def by_predict(*regions) -> tuple[dict, list]:
+        sent.clear()
+        out = tmp_path / f"predict{len(list(tmp_path.glob('predict*')))}"
+        # one sample per forward pass, as serve scores a lone request: padding in a batch moves scores ~1e-7
+        assert predict(out, folder, "--images", one, "--batch-size", 1, *regions) == 0
+        return records(out)[name], list(sent)
+
+    def by_serve(url: str, body: dict) -> tuple[dict, list]:
+        sent.clear()
+        response = requests.post(f"{url}/v1/inspect", json=body, timeout=300)
+        assert response.status_code == 200, response.text
+        return response.json(), list(sent)
+
+    first_pass = [r["p_abnormal"] for r in by_predict()[0]["regions"]]  # the threshold does not change them
+    inference = json.loads((folder / "inference.json").read_text())
+    (folder / "inference.json").write_text(json.dumps({**inference, "threshold": statistics.median(first_pass)}))
+    grid_predicted, grid_prompts = by_predict()
+    boxes_predicted, boxes_prompts = by_predict("--regions", boxes_file)
+    picture = b64((one / name).read_bytes())
+    app = create_app(ServeParams(), lambda: load_scorer(str(folder), load_params(REPO / "params.yaml")))
+    with running(app) as url:
+        grid_served, grid_served_prompts = by_serve(url, {"image": picture})
+        boxes_served, boxes_served_prompts = by_serve(url, {"image": picture, "boxes": [{"xyxy": b} for b in boxes]})
+
+    window = json.loads((folder / "prompt.json").read_text())["window"]
+    assert len(grid_predicted["regions"]) > window["max_regions"]  # several prompts for the one image
+    flagged = [r for r in grid_predicted["regions"] if r["class_probs"]]
+    assert 0 < len(flagged) < len(grid_predicted["regions"])  # both passes ran, with mixed labels
+    assert grid_served_prompts == grid_prompts and len(grid_prompts) > len(grid_predicted["regions"]) / 8
+    assert boxes_served_prompts == boxes_prompts and boxes_prompts
+    for predicted, served in ((grid_predicted, grid_served), (boxes_predicted, boxes_served)):
+        assert served["image"] is None and predicted["image"] == str(one / name)
+        assert set(served) == set(predicted)
+        for key in ("verdict", "threshold", "model", "width", "height"):
+            assert served[key] == predicted[key], key
+        assert served["score"] == pytest.approx(predicted["score"], abs=1e-6)
+        assert len(served["regions"]) == len(predicted["regions"])
+        for mine, theirs in zip(served["regions"], predicted["regions"], strict=True):
+            assert (mine["id"], mine["xyxy"], mine["cls"]) == (theirs["id"], theirs["xyxy"], theirs["cls"])
+            assert mine["p_abnormal"] == pytest.approx(theirs["p_abnormal"], abs=1e-6)
+            assert mine["class_probs"] == (theirs["class_probs"] and pytest.approx(theirs["class_probs"], abs=1e-6))
+    assert [r["proposal"]["from"] for r in boxes_served["regions"]] == ["request"] * 3
+    assert [r["proposal"] for r in grid_served["regions"]] == [r["proposal"] for r in grid_predicted["regions"]]

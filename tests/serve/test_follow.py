@@ -1,6 +1,7 @@
 """Alias following against a real sqlite-backed MLflow registry with two registered versions of
-a tiny adapter: moving the alias loads the new version in the background and swaps it in while
-requests keep flowing; none fails and every answer names the version that judged it."""
+a tiny adapter, each loaded by `load_scorer` through `defectvlm.load_model`: moving the alias
+loads the new version in the background and swaps it in while requests keep flowing; none
+fails and every answer names the version that judged it."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import requests
 from defectvlm.config import LoraParams, PhaseParams, load_params
 from defectvlm.serve.app import create_app
 from defectvlm.serve.follow import AliasFollower, parse_alias_uri
-from defectvlm.serve.model import Scorer
+from defectvlm.serve.model import load_scorer
+from defectvlm.serve.run import build_app
 from tests.conftest import REPO
 from tests.serve.conftest import b64, image_bytes, running
 
@@ -24,11 +26,13 @@ NAME = "tiny-adapter"
 
 
 def save_tiny_adapter(folder: Path, params) -> None:
-    """A phase-1 adapter of the tiny model as training saves it (untrained weights: the
-    registry and loading path are under test, not the model)."""
+    """A phase-1 adapter of the tiny model as training saves it, with its prompt config
+    (untrained weights: the registry and loading path are under test, not the model)."""
+    from defectvlm.data.sft import load_knowledge, load_templates
     from defectvlm.models.families import get_family
     from defectvlm.models.loading import load_base
-    from defectvlm.train.artifacts import save_trained, trained_tensors
+    from defectvlm.serve.model import base_classes
+    from defectvlm.train.artifacts import prompt_config, save_trained, trained_tensors
     from defectvlm.train.phases import apply_phase
 
     family = get_family(params.model.family)
@@ -44,43 +48,37 @@ def save_tiny_adapter(folder: Path, params) -> None:
         "phase_params": dataclasses.asdict(phase),
         "lora": dataclasses.asdict(lora),
     }
-    save_trained(folder, model, *trained_tensors(model, family), processor, info)
+    sft = params.sft
+    prompt = prompt_config(sft, load_templates(sft), load_knowledge(sft), base_classes(params), train=[])
+    save_trained(folder, model, *trained_tensors(model, family), family, processor, info, prompt)
 
 
-def registered_loader(client, tracking_uri: str, params, template: Scorer):
-    """Version -> Scorer through the registry: download the version's files, load the adapter
-    with the evaluation's loader (defectvlm.load_model replaces this once it exists)."""
-    from defectvlm.evaluate.run import load_for_evaluation
-
-    def load(version: str) -> Scorer:
-        source = client.get_model_version(NAME, version).source
-        folder = mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=tracking_uri)
-        model, processor = load_for_evaluation(params, Path(folder))
-        model.eval()
-        return dataclasses.replace(
-            template, model=model, processor=processor, uri=f"models:/{NAME}/{version}", version=version
-        )
-
-    return load
+def registry(tmp_path: Path, versions: int):
+    """(params pointing at a fresh sqlite registry, its client) with `versions` registered
+    versions of one tiny adapter (none when 0: the name only)."""
+    params = load_params(REPO / "params.yaml")
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    params = dataclasses.replace(params, tracking=dataclasses.replace(params.tracking, uri=tracking_uri))
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    client.create_registered_model(NAME)
+    if versions:
+        experiment = client.create_experiment("serve", artifact_location=(tmp_path / "artifacts").as_uri())
+        adapter = tmp_path / "adapter"
+        save_tiny_adapter(adapter, params)
+        for _ in range(versions):
+            run = client.create_run(experiment)
+            client.log_artifacts(run.info.run_id, str(adapter), "adapter")
+            client.create_model_version(NAME, f"{run.info.artifact_uri}/adapter", run_id=run.info.run_id)
+    return params, client
 
 
 @pytest.mark.slow
-def test_moving_the_alias_swaps_the_model_while_requests_keep_succeeding(tmp_path, scorer):
-    params = load_params(REPO / "params.yaml")
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    experiment = client.create_experiment("serve", artifact_location=(tmp_path / "artifacts").as_uri())
-    adapter = tmp_path / "adapter"
-    save_tiny_adapter(adapter, params)
-    client.create_registered_model(NAME)
-    for _ in range(2):
-        run = client.create_run(experiment)
-        client.log_artifacts(run.info.run_id, str(adapter), "adapter")
-        client.create_model_version(NAME, f"{run.info.artifact_uri}/adapter", run_id=run.info.run_id)
+def test_moving_the_alias_swaps_the_model_while_requests_keep_succeeding(tmp_path):
+    params, client = registry(tmp_path, versions=2)
     client.set_registered_model_alias(NAME, "champion", "1")
 
     name, alias = parse_alias_uri(f"models:/{NAME}@champion")
-    follower = AliasFollower(client, name, alias, registered_loader(client, tracking_uri, params, scorer), 0.2)
+    follower = AliasFollower(client, name, alias, lambda v: load_scorer(f"models:/{NAME}/{v}", params), interval_s=0.2)
     seen: list[tuple[int, str | None]] = []
     stop = threading.Event()
     with running(create_app(params.serve, follower.load_current, follower.follow)) as url:
@@ -115,15 +113,20 @@ def test_moving_the_alias_swaps_the_model_while_requests_keep_succeeding(tmp_pat
     assert 'defectvlm_model_info{version="2"} 1.0' in metrics and 'version="1"' not in metrics
 
 
-def test_a_registry_uri_without_load_model_is_a_clear_error():
-    import defectvlm
-    from defectvlm.errors import StepFailure
-    from defectvlm.serve.model import load_scorer
-
-    if hasattr(defectvlm, "load_model"):
-        pytest.skip("defectvlm.load_model exists: the registry path is load_model's (see tests/inference)")
-    with pytest.raises(StepFailure, match="no defectvlm.load_model"):
-        load_scorer("models:/x/1", load_params(REPO / "params.yaml"))
+@pytest.mark.parametrize("follow", [True, False])
+def test_an_unknown_alias_is_a_clear_error_and_the_service_stays_not_ready(tmp_path, follow):
+    params, _ = registry(tmp_path, versions=0)
+    with running(build_app(params, f"models:/{NAME}@nope", follow=follow), wait_ready=False) as url:
+        deadline = time.monotonic() + 60
+        while (answer := requests.get(f"{url}/readyz", timeout=5)).json()["detail"] == "model loading":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert answer.status_code == 503
+        detail = answer.json()["detail"]
+        assert detail.startswith(f"model failed to load: models:/{NAME}@nope: ") and "alias" in detail, detail
+        assert "Traceback" not in detail
+        inspect = requests.post(f"{url}/v1/inspect", json={"image": b64(image_bytes())}, timeout=10)
+        assert inspect.status_code == 503 and requests.get(f"{url}/readyz", timeout=5).status_code == 503
 
 
 def test_only_alias_uris_are_followed():

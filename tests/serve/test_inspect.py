@@ -150,25 +150,32 @@ def test_json_and_multipart_forms_give_the_same_answer_naming_the_model(url):
     by_json = post_json(url, {"image": b64(picture), "boxes": boxes}).json()
     by_form = multipart(url, {"image": ("x.png", picture)}, {"boxes": json.dumps(boxes)}).json()
     assert by_json == by_form
-    assert by_json["model"] == {"uri": "base", "version": "base"}
+    assert set(by_json) == {"image", "verdict", "score", "threshold", "model", "width", "height", "regions"}
+    assert by_json["image"] is None  # an upload has no path
+    assert by_json["model"] == {"uri": "base", "version": None}  # the untrained base: no registered version
     assert (by_json["width"], by_json["height"]) == (90, 60)
-    assert [r["id"] for r in by_json["regions"]] == ["R1", "R2"]
+    assert [r["id"] for r in by_json["regions"]] == [1, 2]
     for region in by_json["regions"]:
+        assert set(region) == {"id", "xyxy", "p_abnormal", "cls", "class_probs", "proposal"}
+        assert region["proposal"] == {"score": None, "cls": None, "from": "request"}
         assert 0 <= region["p_abnormal"] <= 1
-        assert region["verdict"] == ("abnormal" if region["p_abnormal"] >= by_json["threshold"] else "normal")
-        assert sorted(region["class_probs"]) == ["incomplete_spreading", "over_melt", "slag", "streak"]
-        assert abs(sum(region["class_probs"].values()) - 1) < 1e-4
+        if region["p_abnormal"] >= by_json["threshold"]:
+            assert sorted(region["class_probs"]) == ["incomplete_spreading", "over_melt", "slag", "streak"]
+            assert abs(sum(region["class_probs"].values()) - 1) < 1e-4
+            assert region["cls"] == max(region["class_probs"], key=region["class_probs"].get)
+        else:
+            assert region["cls"] is None and region["class_probs"] is None
     assert by_json["score"] == max(r["p_abnormal"] for r in by_json["regions"])
+    assert by_json["verdict"] == ("abnormal" if by_json["score"] >= by_json["threshold"] else "normal")
 
 
-def test_without_boxes_the_default_grid_is_judged(url):
+def test_without_boxes_the_default_grid_of_predict_is_judged(url):
+    """The base has no training defects to size windows on: prompt_config's quarter-image windows."""
     answer = post_json(url, {"image": b64(image_bytes((80, 60)))}).json()
     assert [r["xyxy"] for r in answer["regions"]] == [
-        [0, 0, 40, 30],
-        [40, 0, 80, 30],
-        [0, 30, 40, 60],
-        [40, 30, 80, 60],
+        [x, y, x + 20, y + 15] for y in (0, 15, 30, 45) for x in (0, 20, 40, 60)
     ]
+    assert {r["proposal"]["from"] for r in answer["regions"]} == {"grid"}
 
 
 def test_exif_rotated_images_take_boxes_in_the_upright_frame(url):

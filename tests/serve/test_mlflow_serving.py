@@ -53,11 +53,13 @@ def test_mlflow_models_serve_answers_per_region_rows(tmp_path):
         response = requests.post(f"{url}/invocations", json={"dataframe_records": records}, timeout=120)
         assert response.status_code == 200, response.text
         rows = response.json()["predictions"]
-        assert [(r["image_index"], r["region"]) for r in rows] == [(0, "R1"), (0, "R2")] + [
-            (1, f"R{i}") for i in range(1, 5)
-        ]
-        assert rows[0]["xyxy"] == [1, 1, 30, 30] and rows[2]["xyxy"] == [0, 0, 40, 30]
-        assert all(0 <= r["p_abnormal"] <= 1 and r["version"] == "base" for r in rows)
+        # the second image has no boxes: predict's default grid (quarter-image windows for the base)
+        assert [(r["image_index"], r["region"]) for r in rows] == [(0, 1), (0, 2)] + [(1, i) for i in range(1, 17)]
+        assert rows[0]["xyxy"] == [1, 1, 30, 30] and rows[2]["xyxy"] == [0, 0, 20, 15]
+        assert all(0 <= r["p_abnormal"] <= 1 and r["uri"] == "base" and r["version"] is None for r in rows)
+        for image_index in (0, 1):
+            mine = [r for r in rows if r["image_index"] == image_index]
+            assert {r["image_score"] for r in mine} == {max(r["p_abnormal"] for r in mine)}
 
         bad = requests.post(f"{url}/invocations", json={"dataframe_records": [{"image": "%%"}]}, timeout=60)
         assert bad.status_code == 400 and "row 0: image: not valid base64" in bad.text

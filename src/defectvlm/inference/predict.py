@@ -1,4 +1,6 @@
-"""`defectvlm predict`: the model's verdict on new images, region by region.
+"""`defectvlm predict` and `defectvlm serve`: the model's verdict on images, region by region.
+`judge_images` is the one scoring of "images + candidate boxes": predict calls it on files,
+serve on the uploads of a dynamic batch, and both return the same records.
 
 Each image's candidate regions are put in the model's frame and the prompt is built by
 the training code's own `build_sample` (the evaluation prompt: first system prompt, the
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from PIL import UnidentifiedImageError
 from rich.progress import Progress
@@ -24,8 +27,8 @@ from rich.progress import Progress
 from defectvlm.config import SftParams
 from defectvlm.data.sft import build_sample
 from defectvlm.evaluate.scoring import score_samples
-from defectvlm.inference.loading import LoadedModel
-from defectvlm.inference.sources import RegionSource, grid_windows
+from defectvlm.inference.loading import InferenceConfig, LoadedModel
+from defectvlm.inference.sources import Region, RegionSource, grid_windows
 from defectvlm.models.families import get_family
 from defectvlm.train.data import load_image
 
@@ -34,7 +37,7 @@ CHUNK = 16  # samples per call of the scoring pass (the progress bar's step)
 
 def region_prompt_sample(
     sample_id: str,
-    path: str,
+    path: str | BinaryIO,
     width: int,
     height: int,
     boxes: list,
@@ -72,12 +75,28 @@ def region_prompt_sample(
     return build_sample(image, "test", sample_id, sft, prompt["templates"], prompt["knowledge"], prompt["classes"])
 
 
+@dataclass(frozen=True)
+class ImageToJudge:
+    """One image and the candidate regions to judge on it, in pixels of the upright image."""
+
+    name: str | None  # the record's "image": its path, or None for an upload
+    source: str | BinaryIO  # what load_image opens: a path, or the bytes of an upload
+    width: int
+    height: int
+    candidates: list[Region]
+
+
 @dataclass
 class Chunk:
-    image: int  # index into the readable images
+    image: int  # index into the images judged
     sample_id: str
     boxes: list[tuple[float, float, float, float]]
     first: int  # index of its first region in the image's list
+
+
+def default_regions(width: int, height: int, config: InferenceConfig) -> list[Region]:
+    """Without candidate boxes: windows the size of the model's median training defect."""
+    return grid_windows(width, height, config.prompt["window"])
 
 
 def predict_images(
@@ -88,37 +107,44 @@ def predict_images(
     batch_size: int = 8,
     progress: bool = True,
 ) -> list[dict]:
-    """One record per image (see the module doc and DESIGN.md's predictions.jsonl contract)."""
-    config = loaded.config
-    prompt = config.prompt
-    window = prompt["window"]
-    records, readable, chunks = [], [], []
+    """One record per image, sorted by path (see DESIGN.md's predictions.jsonl contract)."""
+    records, readable = [], []
     for path in images:
         try:
-            image = load_image(str(path))
+            width, height = load_image(str(path)).size
         except (OSError, UnidentifiedImageError, ValueError) as exc:
             records.append({"image": str(path), "verdict": "unreadable", "reason": f"{type(exc).__name__}: {exc}"})
             continue
-        width, height = image.size
-        candidates = source.regions_for(path) if source else grid_windows(width, height, window)
-        boxes = [region.in_pixels(width, height) for region in candidates]
-        record = {"image": str(path), "width": width, "height": height, "candidates": candidates, "boxes": boxes}
-        index = len(readable)
-        readable.append(record)
-        for first in range(0, len(boxes), window["max_regions"]):
-            chunk_boxes = boxes[first : first + window["max_regions"]]
-            chunks.append(Chunk(index, f"{index:06d}-{first:04d}", chunk_boxes, first))
+        candidates = source.regions_for(path) if source else default_regions(width, height, loaded.config)
+        readable.append(ImageToJudge(str(path), str(path), width, height, candidates))
+    records += judge_images(loaded, readable, threshold, batch_size, progress)
+    return sorted(records, key=lambda r: r["image"])
+
+
+def judge_images(
+    loaded: LoadedModel, images: list[ImageToJudge], threshold: float, batch_size: int = 8, progress: bool = False
+) -> list[dict]:
+    """The record of each image (in order), scored in batches across all of them (module doc):
+    what `predict` writes to predictions.jsonl and `serve` answers."""
+    config = loaded.config
+    window = config.prompt["window"]
+    boxes = [[region.in_pixels(image.width, image.height) for region in image.candidates] for image in images]
+    chunks = [
+        Chunk(index, f"{index:06d}-{first:04d}", image_boxes[first : first + window["max_regions"]], first)
+        for index, image_boxes in enumerate(boxes)
+        for first in range(0, len(image_boxes), window["max_regions"])
+    ]
 
     def sample(chunk: Chunk, labels) -> dict:
-        record = readable[chunk.image]
+        image = images[chunk.image]
         return region_prompt_sample(
             chunk.sample_id,
-            record["image"],
-            record["width"],
-            record["height"],
+            image.source,
+            image.width,
+            image.height,
             chunk.boxes,
             labels,
-            prompt,
+            config.prompt,
             config.family,
             config.min_pixels,
             config.max_pixels,
@@ -137,39 +163,37 @@ def predict_images(
             again.append(sample(chunk, labels))
     second_pass = _score(loaded, again, batch_size, progress, "classifying flagged regions")
 
-    for record in readable:
-        record["regions"] = [None] * len(record["boxes"])
+    regions = [[None] * len(image_boxes) for image_boxes in boxes]
     for chunk in chunks:
-        record = readable[chunk.image]
         for k in range(len(chunk.boxes)):
             key = (chunk.sample_id, f"R{k + 1}")
-            record["regions"][chunk.first + k] = _region(
-                chunk.first + k, record, first_pass[key], second_pass.get(key) if key in flagged else None
-            )
-    for record in readable:
-        regions = record.pop("regions")
-        score = max((r["p_abnormal"] for r in regions), default=0.0)
-        records.append(
-            {
-                "image": record["image"],
-                "verdict": "abnormal" if score >= threshold else "normal",
-                "score": score,
-                "threshold": threshold,
-                "model": {"uri": config.uri, "version": (config.registry or {}).get("version")},
-                "width": record["width"],
-                "height": record["height"],
-                "regions": regions,
-            }
-        )
-    return sorted(records, key=lambda r: r["image"])
+            index = chunk.first + k
+            candidate = images[chunk.image].candidates[index]
+            second = second_pass.get(key) if key in flagged else None
+            regions[chunk.image][index] = _region(index, candidate, chunk.boxes[k], first_pass[key], second)
+    model = {"uri": config.uri, "version": (config.registry or {}).get("version")}
+    return [_record(image, found, threshold, model) for image, found in zip(images, regions, strict=True)]
 
 
-def _region(index: int, record: dict, first: dict, second: dict | None) -> dict:
-    candidate = record["candidates"][index]
+def _record(image: ImageToJudge, regions: list[dict], threshold: float, model: dict) -> dict:
+    score = max((r["p_abnormal"] for r in regions), default=0.0)
+    return {
+        "image": image.name,
+        "verdict": "abnormal" if score >= threshold else "normal",
+        "score": score,
+        "threshold": threshold,
+        "model": model,
+        "width": image.width,
+        "height": image.height,
+        "regions": regions,
+    }
+
+
+def _region(index: int, candidate: Region, box: tuple, first: dict, second: dict | None) -> dict:
     class_probs = second.get("class_probs") if second else None
     return {
         "id": index + 1,
-        "xyxy": [round(v, 1) for v in record["boxes"][index]],
+        "xyxy": [round(v, 1) for v in box],
         "p_abnormal": round(first["score"], 6),
         "cls": max(class_probs, key=class_probs.get) if class_probs else None,
         "class_probs": class_probs,

@@ -43,7 +43,9 @@ class InspectRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     image: str = Field(description="The image file, base64 (a data: URI prefix is accepted).")
-    boxes: list[Box] | None = Field(None, description="Regions to judge; none: a grid of windows (serve.default_grid).")
+    boxes: list[Box] | None = Field(
+        None, description="Regions to judge; none: predict's default grid of windows the size of a training defect."
+    )
 
 
 def validation_message(error: ValidationError, prefix: str = "") -> str:
@@ -127,9 +129,9 @@ def decode_image(data: bytes, limits: ServeParams, field: str = "image") -> tupl
         raise BadRequest(400, f"{field}: cannot be decoded, truncated or corrupt ({exc})") from None
 
 
-def check_boxes(boxes: list[Box] | None, width: int, height: int, limits: ServeParams) -> list[list[float]]:
+def check_boxes(boxes: list[Box] | None, width: int, height: int, limits: ServeParams) -> list[list[float]] | None:
     if boxes is None:
-        return grid_boxes(width, height, limits.default_grid)
+        return None  # the model's default windows (see Scorer.to_judge)
     if not boxes:
         raise BadRequest(422, "boxes: empty list (leave it out to judge the default grid)")
     checked = []
@@ -139,17 +141,3 @@ def check_boxes(boxes: list[Box] | None, width: int, height: int, limits: ServeP
             raise BadRequest(422, f"boxes[{index}]: {box.xyxy} is outside the {width}x{height} image")
         checked.append(list(box.xyxy))
     return checked
-
-
-def grid_boxes(width: int, height: int, n: int) -> list[list[float]]:
-    """n x n windows covering the image, row by row."""
-    return [
-        [
-            round(width * i / n, 2),
-            round(height * j / n, 2),
-            round(width * (i + 1) / n, 2),
-            round(height * (j + 1) / n, 2),
-        ]
-        for j in range(n)
-        for i in range(n)
-    ]

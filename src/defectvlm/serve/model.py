@@ -1,183 +1,126 @@
 """The one seam between the service and a model: a `Scorer` judges regions of decoded images
-with the project's scoring pass and answers chat turns with generation.
+with predict's own `judge_images` and answers chat turns with generation.
 
-`load_scorer(uri, params)` is where models come from: `base` is the untrained base of
-`params.model` (demo, tests, benchmarks); every other URI goes through
-`defectvlm.load_model` (registry, run folder or export), imported lazily.
+`load_scorer(uri, params)` is where models come from: every URI goes through
+`defectvlm.load_model` (registry, run folder or export), whose saved prompt config builds the
+prompts; `base` is the untrained base of `params.model` (demo, tests, benchmarks), prompted
+with the config training would save for the current `params.sft` and label map.
 """
 
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from defectvlm.config import Params, SftParams
+from defectvlm.config import Params
 from defectvlm.errors import StepFailure
 
+if TYPE_CHECKING:  # the model code loads with the model, not with the request schemas
+    from defectvlm.inference.loading import LoadedModel
+    from defectvlm.inference.predict import ImageToJudge
+
 BASE_URI = "base"
+BASE_THRESHOLD = 0.5  # the untrained base has no threshold chosen on val
+log = logging.getLogger("defectvlm.serve")
 
 
 @dataclass(frozen=True)
 class ImageInput:
-    """A checked upload: its bytes (never written to disk), upright size and boxes in its pixels."""
+    """A checked upload: its bytes (never written to disk), upright size and boxes in its
+    pixels (None: the model's default windows)."""
 
     data: bytes
     width: int
     height: int
-    boxes: list[list[float]]
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """What the training prompt builder needs: templates, glossary and the SFT settings."""
-
-    sft: SftParams
-    templates: dict
-    knowledge: dict
-
-    @classmethod
-    def from_params(cls, sft: SftParams) -> Prompt:
-        from defectvlm.data.sft import load_knowledge, load_templates
-
-        return cls(sft, load_templates(sft), load_knowledge(sft))
+    boxes: list[list[float]] | None
 
 
 @dataclass
 class Scorer:
-    """A loaded model plus what is needed to use it; `version` names it in every response."""
+    """A loaded model and its decision threshold; `version` names it in metrics and /readyz."""
 
-    model: object
-    processor: object
-    classes: list[str]
+    loaded: LoadedModel
     threshold: float
-    family: str
-    min_pixels: int
-    max_pixels: int
-    prompt: Prompt
-    uri: str
-    version: str
-    extra: dict = field(default_factory=dict)
 
-    def samples(self, images: list[ImageInput]) -> list[dict]:
-        """One scoring sample per image, built by the training prompt builder. Every region's
-        answer line is teacher-forced as `abnormal | <first class>` so the pass reads both
-        P(abnormal) and the class distribution at every region."""
-        from defectvlm.data.sft import build_sample
-        from defectvlm.models.families import get_family
+    @property
+    def uri(self) -> str:
+        return self.loaded.config.uri
 
-        family = get_family(self.family)
-        samples = []
-        for index, image in enumerate(images):
-            frame = family.frame(image.width, image.height, self.min_pixels, self.max_pixels)
-            regions = [
-                {
-                    "rid": f"R{number}",
-                    "xyxy": list(box),
-                    "box": family.to_native(list(box), image.width, image.height, frame),
-                    "label": "abnormal",
-                    "cls": self.classes[0],
-                    "source": "request",
-                }
-                for number, box in enumerate(image.boxes, start=1)
-            ]
-            record = {
-                "id": f"request-{index}",
-                "path": io.BytesIO(image.data),
-                "blake3": "",
-                "label": "abnormal",
-                "family": family.name,
-                "frame": list(frame),
-                "regions": regions,
-            }
-            p = self.prompt
-            samples.append(build_sample(record, "test", record["id"], p.sft, p.templates, p.knowledge, self.classes))
-        return samples
+    @property
+    def version(self) -> str:
+        return str((self.loaded.config.registry or {}).get("version") or self.uri)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.loaded.config.classes
+
+    @property
+    def processor(self):
+        return self.loaded.processor
+
+    def to_judge(self, image: ImageInput) -> ImageToJudge:
+        from defectvlm.inference.predict import ImageToJudge, default_regions
+        from defectvlm.inference.sources import Region
+
+        if image.boxes is None:
+            candidates = default_regions(image.width, image.height, self.loaded.config)
+        else:
+            candidates = [Region(tuple(box), "request") for box in image.boxes]
+        return ImageToJudge(None, io.BytesIO(image.data), image.width, image.height, candidates)
 
     def score(self, images: list[ImageInput]) -> list[dict]:
-        """Per image (in order): verdict, score and per-region P(abnormal), class probabilities."""
-        from defectvlm.evaluate.scoring import score_samples
+        """One predictions.jsonl record per image (in order), the batch scored together."""
+        from defectvlm.inference.predict import judge_images
 
-        samples = self.samples(images)
-        rows = score_samples(self.model, self.processor, samples, self.classes, batch_size=max(1, len(samples)))
-        by_image: dict[str, list[dict]] = {}
-        for row in rows:
-            by_image.setdefault(row["image_id"], []).append(row)
-        return [
-            self.image_result(by_image.get(s["image_id"], []), image) for s, image in zip(samples, images, strict=True)
-        ]
-
-    def image_result(self, rows: list[dict], image: ImageInput) -> dict:
-        regions = [
-            {
-                "id": row["rid"],
-                "xyxy": [round(v, 2) for v in row["xyxy"]],
-                "p_abnormal": round(row["score"], 6),
-                "verdict": "abnormal" if row["score"] >= self.threshold else "normal",
-                "cls": row.get("pred_cls") if row["score"] >= self.threshold else None,
-                "class_probs": row.get("class_probs", {}),
-            }
-            for row in rows
-        ]
-        score = max((r["p_abnormal"] for r in regions), default=0.0)
-        return {
-            "verdict": "abnormal" if score >= self.threshold else "normal",
-            "score": score,
-            "threshold": self.threshold,
-            "width": image.width,
-            "height": image.height,
-            "model": {"uri": self.uri, "version": self.version},
-            "regions": regions,
-        }
+        judged = [self.to_judge(image) for image in images]
+        return judge_images(self.loaded, judged, self.threshold, batch_size=max(1, len(images)))
 
     def generate(self, messages: list[dict], max_new_tokens: int) -> str:
         """A greedy answer to a conversation whose image parts hold bytes (see chat.py)."""
         from defectvlm.evaluate.scoring import generate_answers
 
         sample = {"messages": [*messages, {"role": "assistant", "content": ""}]}
-        return generate_answers(self.model, self.processor, [sample], max_new_tokens)[0]
+        return generate_answers(self.loaded.model, self.loaded.processor, [sample], max_new_tokens)[0]
 
 
 def load_scorer(uri: str, params: Params, device: str | None = None) -> Scorer:
-    """A Scorer for `uri`: `base`, or anything `defectvlm.load_model` accepts."""
-    prompt = Prompt.from_params(params.sft)
+    """A Scorer for `uri`: `base`, or anything `defectvlm.load_model` accepts (registry URIs
+    are asked of `params.tracking.uri`)."""
     if uri == BASE_URI:
-        from defectvlm.models.loading import load_base
+        return Scorer(base_model(params), BASE_THRESHOLD)
+    from defectvlm import load_model
 
-        model, processor = load_base(params.model)
-        model.eval()
-        return Scorer(
-            model,
-            processor,
-            classes=base_classes(params),
-            threshold=0.5,
-            family=params.model.family,
-            min_pixels=params.model.min_pixels,
-            max_pixels=params.model.max_pixels,
-            prompt=prompt,
-            uri=uri,
-            version=BASE_URI,
-        )
-    try:
-        from defectvlm import load_model
-    except ImportError:
-        raise StepFailure(
-            f"--model {uri}: this build has no defectvlm.load_model (issue 15) to load registered or trained "
-            f"models; only --model {BASE_URI} (the untrained base of params.model) can be served"
-        ) from None
-    loaded = load_model(uri, device=device)
-    config = loaded.config
-    return Scorer(
-        loaded.model,
-        loaded.processor,
-        classes=list(config.classes),
-        threshold=0.5 if config.threshold is None else float(config.threshold),
-        family=config.family,
-        min_pixels=config.min_pixels,
-        max_pixels=config.max_pixels,
-        prompt=prompt,
-        uri=uri,
-        version=str((config.registry or {}).get("version", uri)),
+    loaded = load_model(uri, device=device, tracking_uri=params.tracking.uri)
+    threshold = loaded.config.threshold
+    if threshold is None:
+        log.warning("%s has no threshold (no inference.json): judging at %s", uri, BASE_THRESHOLD)
+        threshold = BASE_THRESHOLD
+    return Scorer(loaded, float(threshold))
+
+
+def base_model(params: Params) -> LoadedModel:
+    """The untrained base of `params.model` with the prompt config training would save."""
+    from defectvlm.data.sft import load_knowledge, load_templates
+    from defectvlm.inference.loading import InferenceConfig, LoadedModel
+    from defectvlm.models.loading import load_base
+    from defectvlm.train.artifacts import prompt_config
+
+    model, processor = load_base(params.model)
+    model.eval()
+    sft, classes = params.sft, base_classes(params)
+    config = InferenceConfig(
+        uri=BASE_URI,
+        family=params.model.family,
+        base=params.model.name_or_path,
+        min_pixels=params.model.min_pixels,
+        max_pixels=params.model.max_pixels,
+        classes=classes,
+        prompt=prompt_config(sft, load_templates(sft), load_knowledge(sft), classes, train=[]),
+        threshold=BASE_THRESHOLD,
     )
+    return LoadedModel(model, processor, config)
 
 
 def base_classes(params: Params) -> list[str]:

@@ -1,10 +1,12 @@
 """The model as an MLflow pyfunc (models-from-code: MLflow stores this file and runs it to get
-the model), so `mlflow models serve -m models:/<name>@champion` answers with the same scoring
-pass as `defectvlm serve`.
+the model), so `mlflow models serve -m models:/<name>@champion` answers with the same
+`load_scorer` (through `defectvlm.load_model`) and scoring (`judge_images`) as `defectvlm serve`
+and `defectvlm predict`.
 
 Input: a DataFrame with `image` (base64) and optional `boxes` (a JSON list of
-`{"xyxy": [...]}`, as /v1/inspect takes it). Output: one row per region with the image's index,
-the region's id, box, P(abnormal), verdict, class, class probabilities (JSON) and the version.
+`{"xyxy": [...]}`, as /v1/inspect takes it). Output: one row per region, the image's
+predictions.jsonl record flattened as predictions.csv flattens it (`verdict` and `image_score`
+are the image's), with the image's index, the class probabilities as JSON and the model.
 The model config holds the served model's URI and the params it was registered with."""
 
 from __future__ import annotations
@@ -14,7 +16,19 @@ from pathlib import Path
 
 import mlflow
 
-COLUMNS = ("image_index", "region", "xyxy", "p_abnormal", "verdict", "cls", "class_probs", "version")
+COLUMNS = (
+    "image_index",
+    "verdict",
+    "image_score",
+    "threshold",
+    "region",
+    "xyxy",
+    "p_abnormal",
+    "cls",
+    "class_probs",
+    "uri",
+    "version",
+)
 
 
 class InspectionModel(mlflow.pyfunc.PythonModel):
@@ -43,18 +57,21 @@ class InspectionModel(mlflow.pyfunc.PythonModel):
                 raise mlflow.exceptions.MlflowException.invalid_parameter_value(f"row {index}: {exc.message}") from None
             items.append(item)
         rows = []
-        for index, result in enumerate(self.scorer.score(items) if items else []):
-            for region in result["regions"]:
+        for index, record in enumerate(self.scorer.score(items) if items else []):
+            for region in record["regions"]:
                 rows.append(
                     {
                         "image_index": index,
+                        "verdict": record["verdict"],
+                        "image_score": record["score"],
+                        "threshold": record["threshold"],
                         "region": region["id"],
                         "xyxy": region["xyxy"],
                         "p_abnormal": region["p_abnormal"],
-                        "verdict": region["verdict"],
                         "cls": region["cls"],
                         "class_probs": json.dumps(region["class_probs"], sort_keys=True),
-                        "version": result["model"]["version"],
+                        "uri": record["model"]["uri"],
+                        "version": record["model"]["version"],
                     }
                 )
         return pd.DataFrame(rows, columns=list(COLUMNS))
