@@ -313,22 +313,29 @@ def image_scores(rows: list[dict]) -> dict[str, dict]:
 
 
 @torch.no_grad()
-def generate_answers(model, processor, samples: list[dict], max_new_tokens: int | list[int] = 160) -> list[str]:
-    """Greedy answers; `max_new_tokens` for all samples or one budget per sample."""
+def generate_token_ids(model, processor, samples: list[dict], max_new_tokens: int | list[int] = 160) -> list[list[int]]:
+    """The greedily generated token ids of each sample (prompt excluded); `max_new_tokens` for
+    all samples or one budget per sample."""
     from defectvlm.train.data import image_parts, load_part
 
     model.eval()
     device = next(model.parameters()).device
     budgets = max_new_tokens if isinstance(max_new_tokens, list) else [max_new_tokens] * len(samples)
-    answers = []
+    generated = []
     for sample, budget in zip(samples, budgets, strict=True):
         prompt = processor.apply_chat_template(sample["messages"][:-1], tokenize=False, add_generation_prompt=True)
         cache: dict = {}
         images = [load_part(part, cache) for part in image_parts(sample)]
         inputs = processor(text=[prompt], images=images, return_tensors="pt").to(device)
         output = _causal_lm(model).generate(**inputs, max_new_tokens=budget, do_sample=False)
-        answers.append(processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
-    return answers
+        generated.append(output[0, inputs["input_ids"].shape[1] :].tolist())
+    return generated
+
+
+def generate_answers(model, processor, samples: list[dict], max_new_tokens: int | list[int] = 160) -> list[str]:
+    """Greedy answers as text (see generate_token_ids)."""
+    ids = generate_token_ids(model, processor, samples, max_new_tokens)
+    return [processor.tokenizer.decode(tokens, skip_special_tokens=True) for tokens in ids]
 
 
 def parse_answer(text: str, region_ids: list[str], classes: list[str]) -> dict:

@@ -212,8 +212,8 @@ def create_app(limits: ServeParams, load: Callable[[], Scorer], follow: Callable
         budget = min(
             request.max_completion_tokens or request.max_tokens or limits.max_new_tokens, limits.max_new_tokens
         )
-        answer, scorer = await batcher.generate(messages, budget)
-        return chat_completion(answer, scorer, region_ids, await run_in_threadpool(count_tokens, scorer, answer))
+        (answer, tokens), scorer = await batcher.generate(messages, budget)
+        return chat_completion(answer, scorer, region_ids, tokens)
 
     @app.get("/healthz")
     async def healthz() -> dict:
@@ -252,10 +252,6 @@ def create_app(limits: ServeParams, load: Callable[[], Scorer], follow: Callable
 
     app.add_middleware(Guard, limits=limits, metrics=metrics)
     return app
-
-
-def count_tokens(scorer: Scorer, text: str) -> int:
-    return len(scorer.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def serve_forever(app, host: str, port: int) -> None:

@@ -63,7 +63,7 @@ class Batcher:
         self.metrics.queue_depth.set(self.queue.qsize())
         return await asyncio.wait_for(future, self.limits.request_timeout_s)
 
-    async def generate(self, messages: list[dict], max_new_tokens: int) -> tuple[str, Scorer]:
+    async def generate(self, messages: list[dict], max_new_tokens: int) -> tuple[tuple[str, int], Scorer]:
         scorer = self._require_model()
         if self.generating >= self.limits.queue_size:
             raise Unavailable(f"over capacity: {self.generating} chat requests already waiting")

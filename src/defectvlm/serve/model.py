@@ -77,12 +77,14 @@ class Scorer:
         judged = [self.to_judge(image) for image in images]
         return judge_images(self.loaded, judged, self.threshold, batch_size=max(1, len(images)))
 
-    def generate(self, messages: list[dict], max_new_tokens: int) -> str:
-        """A greedy answer to a conversation whose image parts hold bytes (see chat.py)."""
-        from defectvlm.evaluate.scoring import generate_answers
+    def generate(self, messages: list[dict], max_new_tokens: int) -> tuple[str, int]:
+        """A greedy answer to a conversation whose image parts hold bytes (see chat.py), and the
+        number of tokens generated."""
+        from defectvlm.evaluate.scoring import generate_token_ids
 
         sample = {"messages": [*messages, {"role": "assistant", "content": ""}]}
-        return generate_answers(self.loaded.model, self.loaded.processor, [sample], max_new_tokens)[0]
+        tokens = generate_token_ids(self.loaded.model, self.loaded.processor, [sample], max_new_tokens)[0]
+        return self.loaded.processor.tokenizer.decode(tokens, skip_special_tokens=True), len(tokens)
 
 
 def load_scorer(uri: str, params: Params, device: str | None = None) -> Scorer:
