@@ -271,3 +271,17 @@ def test_serve_sends_the_model_the_prompts_predict_sends_and_answers_the_same_re
             assert mine["class_probs"] == (theirs["class_probs"] and pytest.approx(theirs["class_probs"], abs=1e-6))
     assert [r["proposal"]["from"] for r in boxes_served["regions"]] == ["request"] * 3
     assert [r["proposal"] for r in grid_served["regions"]] == [r["proposal"] for r in grid_predicted["regions"]]
+
+
+def test_an_alias_alone_names_the_registered_model_of_the_params(tmp_path):
+    import argparse
+
+    from defectvlm.inference.cli import _model
+
+    (tmp_path / "params.yaml").write_text(
+        f"registry:\n  model_name: weld-line-3\ntracking:\n  uri: sqlite:///{tmp_path}/m.db\n", encoding="utf-8"
+    )
+    args = argparse.Namespace(model="@champion", params=str(tmp_path / "params.yaml"))
+    assert _model(args) == ("models:/weld-line-3@champion", f"sqlite:///{tmp_path}/m.db")
+    args.model = "runs/phase3"
+    assert _model(args) == ("runs/phase3", None)

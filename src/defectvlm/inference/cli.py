@@ -21,7 +21,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     source = region_source(args.regions, args.proposals)
     images = find_images(args.images)
-    loaded = load_model(args.model, device=args.device, tracking_uri=_tracking_uri(args))
+    uri, tracking_uri = _model(args)
+    loaded = load_model(uri, device=args.device, tracking_uri=tracking_uri)
     threshold = args.threshold if args.threshold is not None else loaded.config.threshold
     if threshold is None:
         raise StepFailure(f"{args.model} has no threshold (no inference.json): evaluate it or pass --threshold")
@@ -38,21 +39,29 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from defectvlm.inference.export import export
 
-    result = export(args.model, Path(args.out), tracking_uri=_tracking_uri(args))
+    uri, tracking_uri = _model(args)
+    result = export(uri, Path(args.out), tracking_uri=tracking_uri)
     verdict = "passed" if result["passed"] else "FAILED"
     console.print(
-        f"exported {args.model} to {args.out}; parity {verdict}: max |dP(abnormal)| = {result['max_abs_diff']:.2e} "
+        f"exported {uri} to {args.out}; parity {verdict}: max |dP(abnormal)| = {result['max_abs_diff']:.2e} "
         f"over {result['regions']} regions (tolerance {result['tolerance']})"
     )
     return 0 if result["passed"] else 1
 
 
-def _tracking_uri(args: argparse.Namespace) -> str | None:
-    if not args.model.startswith("models:/") or not Path(args.params).exists():
-        return None
+def _model(args: argparse.Namespace) -> tuple[str, str | None]:
+    """(model URI, tracking URI): `@alias` is short for models:/<registry.model_name>@alias."""
+    if not args.model.startswith(("models:/", "@")):
+        return args.model, None
+    if not Path(args.params).exists():
+        if args.model.startswith("@"):
+            raise StepFailure(f"--model {args.model}: the registered model's name comes from {args.params}, not found")
+        return args.model, None
     from defectvlm.config import load_params
 
-    return load_params(args.params).tracking.uri
+    params = load_params(args.params)
+    uri = f"models:/{params.registry.model_name}{args.model}" if args.model.startswith("@") else args.model
+    return uri, params.tracking.uri
 
 
 def add_commands(step) -> None:
@@ -64,7 +73,11 @@ def add_commands(step) -> None:
         "(boxes .jsonl, a folder of YOLO prediction .txt files, or a Label Studio .json export); "
         "without it, a grid of windows the size of the median training defect.",
     )
-    p.add_argument("--model", required=True, help="models:/<name>@<alias>, models:/<name>/<version>, a run or export")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="models:/<name>@<alias>, models:/<name>/<version>, @<alias> (registry.model_name), a run or export",
+    )
     p.add_argument("--images", required=True, help="a folder (recursive), a glob, or a manifest (.jsonl or .txt)")
     p.add_argument("--out", default="reports/predict", help="output folder (default: reports/predict)")
     where = p.add_mutually_exclusive_group()
@@ -80,5 +93,7 @@ def add_commands(step) -> None:
         cmd_export,
         "Merge a model into a plain Hugging Face checkpoint (+ defectvlm.json) and prove it scores like base+adapter.",
     )
-    p.add_argument("--model", required=True, help="models:/<name>@<alias>, models:/<name>/<version> or a run folder")
+    p.add_argument(
+        "--model", required=True, help="models:/<name>@<alias>, models:/<name>/<version>, @<alias> or a run folder"
+    )
     p.add_argument("--out", required=True, help="the export folder")
