@@ -183,6 +183,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from defectvlm.evaluate.run import evaluate
 
     params = _load(args)
+    if args.cascade:
+        from defectvlm.evaluate.cascade_cli import run_cascade
+
+        return run_cascade(args, params)
     metrics = evaluate(
         params,
         args.run,
@@ -353,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="reports", help="output folder (default: reports)")
     p.add_argument("--no-baseline", action="store_true", help="skip evaluating the untrained base")
     p.add_argument("--no-tracking", action="store_true", help="do not log to the phase's MLflow run")
+    p.add_argument("--cascade", action="store_true", help="detector alone vs detector + VLM on test (into OUT/cascade)")
+    p.add_argument("--detector", help="--cascade: models:/..., a train-detector folder or an ONNX file")
+    p.add_argument("--split-dir", default="data/02_split", help="--cascade: the split files (boxes of val and test)")
 
     p = step(
         "pipeline",
@@ -381,9 +388,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the comparison as JSON here")
     p.add_argument("--keep", action="store_true", help="keep the worktree even when everything matches")
 
+    from defectvlm.detector.cli import add_commands as add_detector_commands
     from defectvlm.inference.cli import add_commands
 
     add_commands(step)
+    add_detector_commands(step, _load)
     return parser
 
 

@@ -389,6 +389,43 @@ class RegistryParams:
 
 
 @dataclass(frozen=True)
+class DetectorParams:
+    """The proposal detector of the cascade (`train-detector`): trained from scratch on the VLM's train/val split."""
+
+    backend: Literal["centernet"] = param(
+        "centernet", "centernet: a small CNN with a centre-heatmap head (torch, BSD; ONNX export). No download."
+    )
+    output_dir: str = param("runs/detector", "Weights, detector.onnx, metrics.json and detector.json go here.")
+    input_size: int = param(512, "Side of the square letterboxed input in pixels (a multiple of 16).")
+    crop_size: int = param(256, "Training crops of the letterboxed image (a multiple of 16, <= input_size).")
+    width: int = param(16, "Channels of the first stage (the network grows from there).")
+    steps: int = param(900, "Optimizer steps (fixed, not timed: same inputs give the same weights).")
+    batch_size: int = param(8, "Crops per step.")
+    lr: float = param(3e-3, "AdamW learning rate (cosine decay, 5 % warm-up).")
+    confidence: float = param(
+        0.05, "Proposal confidence: boxes at or above it become regions (low: the VLM rejects what is wrong)."
+    )
+    nms_iou: float = param(0.5, "Per-class non-maximum suppression IoU.")
+    threads: int = param(2, "CPU threads for training and export (fixed: results do not depend on the machine).")
+    seed: int = param(42, "Seed of initialisation, crops and flips.")
+
+    def __post_init__(self) -> None:
+        for key in ("input_size", "crop_size"):
+            if getattr(self, key) < 32 or getattr(self, key) % 16:
+                _fail(f"detector.{key}", f"must be a multiple of 16 and >= 32, got {getattr(self, key)}")
+        if self.crop_size > self.input_size:
+            _fail("detector.crop_size", f"must be <= input_size ({self.input_size}), got {self.crop_size}")
+        for key in ("width", "steps", "batch_size", "threads"):
+            if getattr(self, key) < 1:
+                _fail(f"detector.{key}", f"must be >= 1, got {getattr(self, key)}")
+        if self.lr <= 0:
+            _fail("detector.lr", f"must be > 0, got {self.lr}")
+        for key in ("confidence", "nms_iou"):
+            if not 0 <= getattr(self, key) <= 1:
+                _fail(f"detector.{key}", f"must be within [0, 1], got {getattr(self, key)}")
+
+
+@dataclass(frozen=True)
 class TrainJobParams:
     """A Kubeflow Trainer v2 TrainJob per training phase (train.launcher: trainjob): torchrun on every node."""
 
@@ -462,6 +499,7 @@ class Params:
     train: TrainParams = param(TrainParams(), "Phased training.")
     tracking: TrackingParams = param(TrackingParams(), "Experiment tracking.")
     registry: RegistryParams = param(RegistryParams(), "Model registry and promotion gates.")
+    detector: DetectorParams = param(DetectorParams(), "Proposal detector of the cascade (train-detector).")
     trainjob: TrainJobParams = param(TrainJobParams(), "Multi-node training (train.launcher: trainjob).")
     cluster: ClusterParams = param(ClusterParams(), "Kubeflow Pipelines: images, resources, secrets.")
 
