@@ -23,13 +23,15 @@ from components.scan_labels import scan_labels
 from components.sft import sft
 from components.split import split
 from components.train import train_phase
+from components.train_detector import train_detector
 from defectvlm.cluster.images import image
 from defectvlm.cluster.steps import RUNTIME_SECTIONS, STEPS
 from defectvlm.config import ClusterParams, Params, field_docs, params_to_dict
 
 NAME = "defectvlm-finetune"
 TRAIN_STEPS = ("train_phase1", "train_phase2", "train_phase3")
-IO_STEPS = ("scan_labels", "ingest", "split", "regions", "sft", "evaluate", "register")  # retried on failure
+# retried on failure
+IO_STEPS = ("scan_labels", "ingest", "split", "regions", "sft", "evaluate", "register", "train_detector")
 
 
 def build(params: Params):
@@ -51,6 +53,7 @@ def build(params: Params):
         }
         tasks["split"] = split(**sections("split"), ingested=tasks["ingest"].outputs["ingested"])
         tasks["regions"] = regions(**sections("regions"), splits=tasks["split"].outputs["splits"])
+        tasks["train_detector"] = train_detector(**sections("train_detector"), splits=tasks["split"].outputs["splits"])
         tasks["sft"] = sft(**sections("sft"), candidates=tasks["regions"].outputs["candidates"])
         run = {
             "cluster": cluster_values,
@@ -87,7 +90,7 @@ def build(params: Params):
         for step in IO_STEPS:
             tasks[step].set_retry(cluster.retries, backoff_duration="30s")
         # They read and write MLflow, which a cached result would skip.
-        for step in ("evaluate", "register"):
+        for step in ("evaluate", "register", "train_detector"):
             tasks[step].set_caching_options(False)
         # with the trainjob launcher the training steps only create and watch TrainJobs
         for step in ("evaluate", *(TRAIN_STEPS if params.train.launcher == "local" else ())):

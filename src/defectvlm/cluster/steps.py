@@ -126,6 +126,20 @@ STEPS: dict[str, Step] = {
             _SRC + "data/templates",
         ),
     ),
+    # the cascade's proposal detector: trained on the split's train/val (test never read), its output
+    # folder is detector.output_dir, registered as <registry.model_name>-detector
+    "train_detector": Step(
+        ("train-detector", "--in", "{in}"),
+        ("detector", "regions", "registry", "tracking"),
+        ("detector", "regions.min_box_size", "regions.max_boxes_per_image", "registry.model_name"),
+        (
+            *_CORE,
+            *(_SRC + f"detector/{f}.py" for f in ("cli", "data", "metrics", "model", "runtime", "tracking", "train")),
+            _SRC + "data/regions.py",
+            _SRC + "train/data.py",
+            *(_SRC + f"tracking/{f}.py" for f in ("lineage", "mlflow_tracking", "registry")),
+        ),
+    ),
     # its output is the registry entry and its lineage tags (data roots: their DVC digests)
     "register": Step(
         ("register", "--run", "last", "--reports", "{reports}", "--in", "{in}", "--out", "{out}/registration.json"),
