@@ -187,6 +187,11 @@ class RegionParams:
     normal_decoys_per_image: int = param(4, "Decoy regions per normal image when decoy_count is fixed.")
     neg_max_iou: float = param(0.1, "Largest overlap (IoU) of a negative with any positive.")
     max_boxes_per_image: int = param(8, "Most regions per image; positives are kept first.")
+    negatives_from: Literal["random", "detector", "both"] = param(
+        "random",
+        "Where negatives come from: random draws shaped like defects. detector | both (the detector's false "
+        "positives as hard negatives) are refused: they need out-of-fold detector predictions (not built).",
+    )
     seed: int = param(42, "Seed; each image's draws use seed + image id, never processing order.")
 
     def __post_init__(self) -> None:
@@ -198,6 +203,14 @@ class RegionParams:
                 _fail(f"regions.{key}", f"must be within [0, 1], got {getattr(self, key)}")
         if self.max_boxes_per_image < 1:
             _fail("regions.max_boxes_per_image", f"must be >= 1, got {self.max_boxes_per_image}")
+        if self.negatives_from != "random":
+            _fail(
+                "regions.negatives_from",
+                f"{self.negatives_from} is refused: the detector's predictions on training images would come from "
+                "a detector trained on those same images (leakage: its false positives there are not the ones it "
+                "makes on new images). It needs out-of-fold predictions (k-fold over training groups), which are "
+                "not built yet; use random",
+            )
 
 
 TASKS = ("detect", "classify", "explain", "confirm_normal", "count")

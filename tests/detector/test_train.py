@@ -64,3 +64,10 @@ def test_registered_with_lineage(split_dir, tmp_path, capsys):
 def test_bad_detector_params_name_the_key(section, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         params_from_dict({"detector": section})
+
+
+@pytest.mark.parametrize("source", ["detector", "both"])
+def test_detector_negatives_are_refused_with_the_leakage_rule(source):
+    with pytest.raises(ConfigError, match="regions.negatives_from: .*out-of-fold predictions"):
+        params_from_dict({"regions": {"negatives_from": source}})
+    assert params_from_dict({"regions": {"negatives_from": "random"}}).regions.negatives_from == "random"

@@ -39,7 +39,8 @@ CONDITIONAL = {
     # a raw label missing from label_map; an Ultralytics tree's background image; a prediction-only task
     "ingest": {"labels.unknown_label", "labels.background_images", "labels.use_predictions"},
     "split": {"split.group_depth", "split.group_regex"},  # group_by: parent_depth / regex
-    "regions": {"regions.normal_decoys_per_image"},  # decoy_count: fixed
+    # decoy_count: fixed; negatives_from is checked on load (only `random` is accepted)
+    "regions": {"regions.normal_decoys_per_image", "regions.negatives_from"},
     "sft": {  # language: en; format: swift | llamafactory | yolo
         "src/defectvlm/data/templates/en.yaml",
         "src/defectvlm/data/exports.py",
