@@ -412,7 +412,7 @@ class DetectorParams:
     input_size: int = param(512, "Side of the square letterboxed input in pixels (a multiple of 16).")
     crop_size: int = param(256, "Training crops of the letterboxed image (a multiple of 16, <= input_size).")
     width: int = param(16, "Channels of the first stage (the network grows from there).")
-    steps: int = param(900, "Optimizer steps (fixed, not timed: same inputs give the same weights).")
+    steps: int = param(1500, "Optimizer steps (fixed, not timed: same inputs give the same weights).")
     batch_size: int = param(8, "Crops per step.")
     lr: float = param(3e-3, "AdamW learning rate (cosine decay, 5 % warm-up).")
     confidence: float = param(
