@@ -187,6 +187,11 @@ class RegionParams:
     normal_decoys_per_image: int = param(4, "Decoy regions per normal image when decoy_count is fixed.")
     neg_max_iou: float = param(0.1, "Largest overlap (IoU) of a negative with any positive.")
     max_boxes_per_image: int = param(8, "Most regions per image; positives are kept first.")
+    negatives_from: Literal["random", "detector", "both"] = param(
+        "random",
+        "Where negatives come from: random draws shaped like defects. detector | both (the detector's false "
+        "positives as hard negatives) are refused: they need out-of-fold detector predictions (not built).",
+    )
     seed: int = param(42, "Seed; each image's draws use seed + image id, never processing order.")
 
     def __post_init__(self) -> None:
@@ -198,6 +203,14 @@ class RegionParams:
                 _fail(f"regions.{key}", f"must be within [0, 1], got {getattr(self, key)}")
         if self.max_boxes_per_image < 1:
             _fail("regions.max_boxes_per_image", f"must be >= 1, got {self.max_boxes_per_image}")
+        if self.negatives_from != "random":
+            _fail(
+                "regions.negatives_from",
+                f"{self.negatives_from} is refused: the detector's predictions on training images would come from "
+                "a detector trained on those same images (leakage: its false positives there are not the ones it "
+                "makes on new images). It needs out-of-fold predictions (k-fold over training groups), which are "
+                "not built yet; use random",
+            )
 
 
 TASKS = ("detect", "classify", "explain", "confirm_normal", "count")
@@ -392,6 +405,43 @@ class RegistryParams:
 
 
 @dataclass(frozen=True)
+class DetectorParams:
+    """The proposal detector of the cascade (`train-detector`): trained from scratch on the VLM's train/val split."""
+
+    backend: Literal["centernet"] = param(
+        "centernet", "centernet: a small CNN with a centre-heatmap head (torch, BSD; ONNX export). No download."
+    )
+    output_dir: str = param("runs/detector", "Weights, detector.onnx, metrics.json and detector.json go here.")
+    input_size: int = param(512, "Side of the square letterboxed input in pixels (a multiple of 16).")
+    crop_size: int = param(256, "Training crops of the letterboxed image (a multiple of 16, <= input_size).")
+    width: int = param(16, "Channels of the first stage (the network grows from there).")
+    steps: int = param(1500, "Optimizer steps (fixed, not timed: same inputs give the same weights).")
+    batch_size: int = param(8, "Crops per step.")
+    lr: float = param(3e-3, "AdamW learning rate (cosine decay, 5 % warm-up).")
+    confidence: float = param(
+        0.05, "Proposal confidence: boxes at or above it become regions (low: the VLM rejects what is wrong)."
+    )
+    nms_iou: float = param(0.5, "Per-class non-maximum suppression IoU.")
+    threads: int = param(2, "CPU threads for training and export (fixed: results do not depend on the machine).")
+    seed: int = param(42, "Seed of initialisation, crops and flips.")
+
+    def __post_init__(self) -> None:
+        for key in ("input_size", "crop_size"):
+            if getattr(self, key) < 32 or getattr(self, key) % 16:
+                _fail(f"detector.{key}", f"must be a multiple of 16 and >= 32, got {getattr(self, key)}")
+        if self.crop_size > self.input_size:
+            _fail("detector.crop_size", f"must be <= input_size ({self.input_size}), got {self.crop_size}")
+        for key in ("width", "steps", "batch_size", "threads"):
+            if getattr(self, key) < 1:
+                _fail(f"detector.{key}", f"must be >= 1, got {getattr(self, key)}")
+        if self.lr <= 0:
+            _fail("detector.lr", f"must be > 0, got {self.lr}")
+        for key in ("confidence", "nms_iou"):
+            if not 0 <= getattr(self, key) <= 1:
+                _fail(f"detector.{key}", f"must be within [0, 1], got {getattr(self, key)}")
+
+
+@dataclass(frozen=True)
 class TrainJobParams:
     """A Kubeflow Trainer v2 TrainJob per training phase (train.launcher: trainjob): torchrun on every node."""
 
@@ -495,6 +545,7 @@ class Params:
     train: TrainParams = param(TrainParams(), "Phased training.")
     tracking: TrackingParams = param(TrackingParams(), "Experiment tracking.")
     registry: RegistryParams = param(RegistryParams(), "Model registry and promotion gates.")
+    detector: DetectorParams = param(DetectorParams(), "Proposal detector of the cascade (train-detector).")
     trainjob: TrainJobParams = param(TrainJobParams(), "Multi-node training (train.launcher: trainjob).")
     cluster: ClusterParams = param(ClusterParams(), "Kubeflow Pipelines: images, resources, secrets.")
     serve: ServeParams = param(ServeParams(), "The inspection service (defectvlm serve).")

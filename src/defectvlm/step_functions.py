@@ -140,9 +140,16 @@ def evaluate(
     mode: str = "score",
     no_baseline: bool = False,
     no_tracking: bool = False,
+    cascade: bool = False,
+    detector: str | None = None,
+    split_dir: str = "data/02_split",
 ) -> int:
     from defectvlm.evaluate.run import evaluate as evaluate_run
 
+    if cascade:
+        from defectvlm.evaluate.cascade_cli import run_cascade
+
+        return run_cascade(params, run, detector, split_dir, out)
     metrics = evaluate_run(params, run, Path(input), Path(out), split=split, mode=mode, baseline=not no_baseline)
     table = Table("model", "level", "precision", "recall", "F1", "AUROC", title=f"{metrics['run']} on {split}")
     for title, result in (("fine-tuned", metrics[metrics["split"]]), ("base", metrics.get("baseline"))):
@@ -156,6 +163,26 @@ def evaluate(
 
         run_id = log_evaluation(params, Path(input), metrics, Path(out))
         console.print(f"logged to MLflow run {run_id} (nested under the pipeline's run)")
+    return 0
+
+
+def train_detector(params: Params, input: str, no_tracking: bool = False) -> int:
+    from defectvlm.detector.train import train_detector as train
+
+    metrics = train(params, Path(input), log=console.print)
+    val = metrics["val"]
+    console.print(
+        f"detector: val mAP@0.5 {val['map50']}, recall at the budget {val['recall_at_budget']} "
+        f"({val['proposals_per_image']} proposals/image), trained in {metrics['train_seconds']} s; "
+        f"ONNX {metrics['onnx_images_per_second']} images/s "
+        f"(parity: max relative difference {metrics['onnx_parity']['max_rel_diff']}); "
+        f"{params.detector.output_dir}/"
+    )
+    if not no_tracking:
+        from defectvlm.detector.tracking import log_and_register
+
+        registered = log_and_register(params, Path(input), Path(params.detector.output_dir), metrics)
+        console.print(f"registered as {registered['name']} v{registered['version']} (@{registered['alias']})")
     return 0
 
 

@@ -215,6 +215,9 @@ STEPS: dict[str, Step] = {
                 ),
                 Option("--no-baseline", "skip evaluating the untrained base", switch=True),
                 Option("--no-tracking", "do not log to the phase's MLflow run", switch=True),
+                Option("--cascade", "detector alone vs detector + VLM on test (into OUT/cascade)", switch=True),
+                Option("--detector", "--cascade: models:/..., a train-detector folder or an ONNX file"),
+                Option("--split-dir", "--cascade: the split files (boxes of val and test)", default="data/02_split"),
                 *_phases(4),
             ),
             ("model", "train.output_dir", *_PHASES_ENABLED),
@@ -228,6 +231,30 @@ STEPS: dict[str, Step] = {
             ),
             fixed={"run": "last"},
             cluster=Cluster("train", gpu=True, cache=False, run_folder=True),
+        ),
+        # the cascade's proposal detector: trained on the split's train/val (test never read), its output
+        # folder is detector.output_dir, registered as <registry.model_name>-detector
+        Step(
+            "train_detector",
+            "train-detector",
+            run.train_detector,
+            "Train the cascade's proposal detector on the split's train/val (test never read): weights, ONNX "
+            "export, val mAP@0.5 and recall at the proposal budget; logged to MLflow and registered as "
+            "<registry.model_name>-detector.",
+            (
+                Input("splits", "split", "splits", ("train.jsonl", "val.jsonl"), help="folder with train/val.jsonl"),
+                Option("--no-tracking", "do not log to MLflow or register", switch=True),
+                Output("detector_run", "${detector.output_dir}", option=None, artifact="Model", metadata="metrics.json"),
+            ),
+            ("detector", "regions.min_box_size", "regions.max_boxes_per_image", "registry.model_name", "tracking"),
+            (
+                *_CORE,
+                *(_SRC + f"detector/{f}.py" for f in ("data", "metrics", "model", "runtime", "tracking", "train")),
+                _SRC + "data/regions.py",
+                _SRC + "train/data.py",
+                *(_SRC + f"tracking/{f}.py" for f in ("lineage", "mlflow_tracking", "registry")),
+            ),
+            cluster=Cluster(cache=False),
         ),
         # its output is the registry entry and its lineage tags (data roots: their DVC digests)
         Step(

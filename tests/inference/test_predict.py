@@ -181,8 +181,8 @@ def test_bad_model_images_and_sources_exit_with_a_message(trained, images, tmp_p
     assert "no-such-run: no such folder" in capsys.readouterr().err
     assert predict(tmp_path / "o", trained[2], "--images", empty) == 1
     assert f"{empty}: no images found" in capsys.readouterr().err
-    assert predict(tmp_path / "o", trained[2], "--images", images, "--proposals", "detector") == 2
-    assert "not built yet" in capsys.readouterr().err
+    assert predict(tmp_path / "o", trained[2], "--images", images, "--proposals", "detector", "--detector", empty) == 1
+    assert "a folder needs detector.json and detector.onnx" in capsys.readouterr().err
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     import mlflow
 

@@ -53,6 +53,7 @@ def repo(tmp_path) -> Path:
         repo / "params.yaml",
         {
             "train": FAST_TRAIN,
+            "detector": {"steps": 2, "input_size": 64, "crop_size": 32, "width": 4, "threads": 1},
             "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
             "registry": {"gates": {"roi.f1": 0.0, "image.auroc": 0.0}},
         },

@@ -40,7 +40,8 @@ CONDITIONAL = {
     # a raw label missing from label_map; an Ultralytics tree's background image; a prediction-only task
     "ingest": {"labels.unknown_label", "labels.background_images", "labels.use_predictions"},
     "split": {"split.group_depth", "split.group_regex"},  # group_by: parent_depth / regex
-    "regions": {"regions.normal_decoys_per_image"},  # decoy_count: fixed
+    # decoy_count: fixed; negatives_from is checked on load (only `random` is accepted)
+    "regions": {"regions.normal_decoys_per_image", "regions.negatives_from"},
     "sft": {  # language: en; format: swift | llamafactory | yolo
         "src/defectvlm/data/templates/en.yaml",
         "src/defectvlm/data/exports.py",
@@ -57,7 +58,7 @@ CONDITIONAL = {
 # a model.family other than qwen2_5_vl builds its tiny model there
 for _step in ("train_phase1", "train_phase2", "train_phase3", "evaluate"):
     CONDITIONAL.setdefault(_step, set()).add("src/defectvlm/models/tiny_families.py")
-RECORD_STEPS = {"register"}  # its output is the MLflow record: the tracking code is part of the step
+RECORD_STEPS = {"register", "train_detector"}  # their output is an MLflow record: the tracking code is part of the step
 
 
 def covers(declared, item: str) -> bool:
@@ -83,7 +84,8 @@ def recorded(tmp_path_factory):
     generate_demo(root / "data" / "raw", n_abnormal=12, n_normal=8)
     fast = {"batch_size": 2, "eval_steps": 2, "save_steps": 2, "save_total_limit": 1}  # two evaluations, a save
     fast.update({f"phase{n}": {"max_steps": 4} for n in (1, 2, 3)})
-    overrides = {"train": fast, "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}"}}
+    detector = {"steps": 2, "input_size": 64, "crop_size": 32, "width": 4, "threads": 1}
+    overrides = {"train": fast, "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}"}, "detector": detector}
     write_params(root / "params.yaml", overrides)
     reads = {}
     previous = Path.cwd()

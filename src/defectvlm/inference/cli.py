@@ -19,7 +19,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from defectvlm.inference.report import write_predictions
     from defectvlm.inference.sources import find_images, region_source
 
-    source = region_source(args.regions, args.proposals)
+    source = region_source(args.regions, args.proposals, args.detector, args.params)
     images = find_images(args.images)
     uri, tracking_uri = _model(args)
     loaded = load_model(uri, device=args.device, tracking_uri=tracking_uri)
@@ -82,7 +82,14 @@ def add_commands(step) -> None:
     p.add_argument("--out", default="reports/predict", help="output folder (default: reports/predict)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--regions", help="candidate boxes: .jsonl, Label Studio .json, or a YOLO predictions folder")
-    where.add_argument("--proposals", help="a proposal source (detector: not available yet)")
+    where.add_argument(
+        "--proposals", choices=("detector",), help="detector: the regions are the proposal detector's boxes"
+    )
+    p.add_argument(
+        "--detector",
+        help="with --proposals detector: models:/<name>@<alias>, a train-detector folder, or an ONNX file "
+        "(ours or an Ultralytics YOLO export); default: models:/<registry.model_name>-detector@candidate",
+    )
     p.add_argument("--threshold", type=float, help="override the model's threshold (chosen on val)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")

@@ -94,15 +94,25 @@ class RegionSource:
         return self.by_name.get(image.name, self.by_name.get(image.stem, []))
 
 
-def region_source(regions: str | None, proposals: str | None) -> RegionSource | None:
-    """The source named by --regions or --proposals (None: the default grid)."""
+def region_source(
+    regions: str | None,
+    proposals: str | None,
+    detector: str | None = None,
+    params_file: str | None = None,
+) -> RegionSource | DetectorSource | None:
+    """The source named by --regions or --proposals (None: the default grid). `--proposals detector`
+    runs `detector` (a registry URI, a train-detector folder or an ONNX file; default: the
+    registered `<registry.model_name>-detector@candidate`) with the settings of `params_file`."""
+    if detector and proposals != "detector":
+        raise ConfigError("--detector goes with --proposals detector")
     if proposals:
-        if proposals == "detector":
-            raise ConfigError(
-                "--proposals detector: the proposal detector (the cascade issue) is not built yet; "
-                "pass boxes with --regions FILE, or nothing for the default grid"
-            )
-        raise ConfigError(f"--proposals {proposals}: unknown source (known: {', '.join(PROPOSAL_SOURCES)})")
+        if proposals != "detector":
+            raise ConfigError(f"--proposals {proposals}: unknown source (known: {', '.join(PROPOSAL_SOURCES)})")
+        from defectvlm.config import Params, load_params
+        from defectvlm.detector.loading import open_detector
+
+        params = load_params(params_file) if params_file and Path(params_file).exists() else Params()
+        return DetectorSource(open_detector(detector, params))
     if not regions:
         return None
     path = Path(regions)
@@ -115,6 +125,22 @@ def region_source(regions: str | None, proposals: str | None) -> RegionSource | 
     if path.suffix == ".json":
         return RegionSource(_labelstudio(path), path.parent)
     raise ConfigError(f"--regions {regions}: expected a .jsonl boxes file, a Label Studio .json or a YOLO folder")
+
+
+class DetectorSource:
+    """Regions proposed by a detector: its boxes at or above its confidence, best first, at most
+    its budget (regions.max_boxes_per_image), each with the detector's score and class."""
+
+    def __init__(self, detector):
+        self.detector = detector
+
+    def regions_for(self, image: Path) -> list[Region]:
+        from defectvlm.train.data import load_image
+
+        return [
+            Region(found.xyxy, f"detector {self.detector.name}", found.score, found.cls)
+            for found in self.detector.propose(load_image(str(image)))
+        ]
 
 
 def _boxes_jsonl(path: Path) -> dict[str, list[Region]]:

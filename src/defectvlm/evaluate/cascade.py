@@ -1,0 +1,185 @@
+"""`evaluate --cascade`: the system, not the parts. On the split's test images, the detector
+alone (its confidence threshold chosen on val) against detector + VLM (the detector's proposals
+at its recall-oriented confidence, judged by the VLM, whose threshold is chosen on val):
+box-level precision, recall and F1 at IoU >= 0.5 (greedy matching, detector/metrics.py),
+overall (class-agnostic: a defect found is found, whatever it is called) and per class
+(class-aware: the detector's class, or the VLM's), false alarms per image, both PR curves on
+one plot, and pictures of the false alarms the VLM removed and of the defects it wrongly removed.
+
+The VLM judges each proposal through `predict_images`, the code `predict --proposals detector`
+runs (the same prompt builder as training)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import ImageDraw
+
+from defectvlm.config import Params
+from defectvlm.detector.data import truth_boxes
+from defectvlm.detector.loading import ProposalDetector
+from defectvlm.detector.metrics import Box, best_f1_threshold, counts_at, detector_metrics, match, pr_curve, scored_hits
+from defectvlm.inference.loading import LoadedModel
+from defectvlm.inference.predict import predict_images
+from defectvlm.inference.sources import DetectorSource
+from defectvlm.io import write_json_atomic
+from defectvlm.train.data import load_image
+
+GALLERY_SIZE = 8
+CROP_MARGIN = 0.6
+Pairs = list[tuple[list[Box], list[Box]]]
+
+
+def judged_split(loaded: LoadedModel, proposer: ProposalDetector, records: list[dict], min_box: float) -> dict:
+    """Per image: the detector's boxes, the same boxes scored by the VLM, and the truths."""
+    by_path = {str(Path(r["path"])): r for r in records}
+    # threshold 0: every proposal also gets the VLM's class distribution (the second pass)
+    predicted = predict_images(loaded, [Path(p) for p in by_path], DetectorSource(proposer), 0.0, progress=False)
+    detector, cascade, paths = [], [], []
+    for row in predicted:
+        record = by_path[row["image"]]
+        truths = [Box(b["xyxy"], b["cls"]) for b in truth_boxes(record, min_box)]
+        regions = row.get("regions") or []
+        detector.append(([Box(r["xyxy"], r["proposal"]["cls"], r["proposal"]["score"]) for r in regions], truths))
+        cascade.append(([Box(r["xyxy"], r["cls"] or r["proposal"]["cls"], r["p_abnormal"]) for r in regions], truths))
+        paths.append(record["path"])
+    return {"detector": detector, "cascade": cascade, "paths": paths}
+
+
+def system_metrics(pairs: Pairs, threshold: float, classes: list[str]) -> dict:
+    per_class = {}
+    for cls in classes:
+        only = [([p for p in preds if p.cls == cls], [t for t in truths if t.cls == cls]) for preds, truths in pairs]
+        per_class[cls] = counts_at(only, threshold, class_aware=True)
+    return {"threshold": round(threshold, 6), **counts_at(pairs, threshold, False), "per_class": per_class}
+
+
+def evaluate_cascade(
+    params: Params, loaded: LoadedModel, proposer: ProposalDetector, splits: dict[str, list[dict]], out: Path
+) -> dict:
+    """Write cascade_metrics.json, plots/cascade_pr.png, gallery PNGs and cascade_report.md into `out`."""
+    min_box = params.regions.min_box_size
+    val = judged_split(loaded, proposer, splits["val"], min_box)
+    test = judged_split(loaded, proposer, splits["test"], min_box)
+    classes = sorted({t.cls for _, truths in val["detector"] + test["detector"] for t in truths})
+    detector_t = best_f1_threshold(val["detector"])
+    cascade_t = best_f1_threshold(val["cascade"])
+    metrics = {
+        "split": "test",
+        "images": len(test["paths"]),
+        "proposals": {
+            "detector": proposer.name,
+            "confidence": proposer.confidence,
+            "max_boxes": proposer.max_boxes,
+            **detector_metrics(test["detector"], classes),
+        },
+        "detector": system_metrics(test["detector"], detector_t, classes),
+        "cascade": system_metrics(test["cascade"], cascade_t, classes),
+    }
+    d, c = metrics["detector"], metrics["cascade"]
+    metrics["gain"] = {
+        "precision": round(c["precision"] - d["precision"], 4),
+        "recall": round(c["recall"] - d["recall"], 4),
+        "false_alarms_per_image_ratio": round(c["false_alarms_per_image"] / d["false_alarms_per_image"], 4)
+        if d["false_alarms_per_image"]
+        else None,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    _plot(test, detector_t, cascade_t, out / "plots" / "cascade_pr.png")
+    gallery = _gallery(test, detector_t, cascade_t, out / "gallery")
+    metrics["gallery"] = {kind: len(files) for kind, files in gallery.items()}
+    write_json_atomic(out / "cascade_metrics.json", metrics)
+    (out / "cascade_report.md").write_text(_report(metrics, gallery), encoding="utf-8")
+    return metrics
+
+
+def _plot(test: dict, detector_t: float, cascade_t: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure, axis = plt.subplots(figsize=(5, 4))
+    for name, t in (("detector", detector_t), ("cascade", cascade_t)):
+        scores, hits, truths = scored_hits(test[name], class_aware=False)
+        precision, recall, thresholds = pr_curve(scores, hits, truths)
+        (line,) = axis.plot(recall, precision, label=f"{name} (threshold {t:.3g} from val)")
+        at = counts_at(test[name], t, False)
+        axis.scatter([at["recall"]], [at["precision"]], color=line.get_color(), zorder=3)
+    axis.set_xlabel("recall (boxes, IoU >= 0.5)")
+    axis.set_ylabel("precision")
+    axis.set_xlim(0, 1.02)
+    axis.set_ylim(0, 1.02)
+    axis.legend(loc="lower left", fontsize=8)
+    axis.set_title("detector alone vs detector + VLM (test)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _gallery(test: dict, detector_t: float, cascade_t: float, folder: Path) -> dict[str, list[str]]:
+    """Crops (box drawn) of the detector's false alarms the VLM removed and of the defects the
+    detector found that the VLM removed, most confident detector boxes first."""
+    found: dict[str, list[tuple[float, str, Box]]] = {"false_alarms_removed": [], "defects_wrongly_removed": []}
+    for (det, truths), (judged, _), path in zip(test["detector"], test["cascade"], test["paths"], strict=True):
+        kept = [i for i, box in enumerate(det) if box.score >= detector_t]
+        hits = match([det[i] for i in kept], truths, class_aware=False)
+        for i, hit in zip(kept, hits, strict=True):
+            if judged[i].score < cascade_t:
+                kind = "defects_wrongly_removed" if hit else "false_alarms_removed"
+                found[kind].append((det[i].score, path, det[i]))
+    written: dict[str, list[str]] = {}
+    for kind, items in found.items():
+        items.sort(key=lambda item: (-item[0], item[1], tuple(item[2].xyxy)))
+        top = items[:GALLERY_SIZE]
+        written[kind] = [_crop(path, box, folder / f"{kind}_{n:02d}.png") for n, (_, path, box) in enumerate(top)]
+    return written
+
+
+def _crop(path: str, box: Box, target: Path) -> str:
+    image = load_image(path)
+    x1, y1, x2, y2 = box.xyxy
+    mx, my = (x2 - x1) * CROP_MARGIN + 16, (y2 - y1) * CROP_MARGIN + 16
+    ImageDraw.Draw(image).rectangle([x1, y1, x2, y2], outline=(255, 40, 40), width=3)
+    crop = image.crop((max(0, x1 - mx), max(0, y1 - my), min(image.width, x2 + mx), min(image.height, y2 + my)))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    crop.save(target)
+    return f"{target.parent.name}/{target.name}"
+
+
+def _report(metrics: dict, gallery: dict[str, list[str]]) -> str:
+    d, c, p = metrics["detector"], metrics["cascade"], metrics["proposals"]
+    lines = [
+        "# Cascade: detector alone vs detector + VLM (test split)",
+        "",
+        f"Proposals: {p['detector']} at confidence {p['confidence']}, at most {p['max_boxes']} per image: "
+        f"recall {p['recall_at_budget']} at IoU 0.5, mAP@0.5 {p['map50']}, {p['proposals_per_image']} per image.",
+        "",
+        "| system | threshold (val) | precision | recall | F1 | false alarms / image |",
+        "|---|---|---|---|---|---|",
+        *(
+            f"| {name} | {m['threshold']} | {m['precision']} | {m['recall']} | {m['f1']} "
+            f"| {m['false_alarms_per_image']} |"
+            for name, m in (("detector", d), ("detector + VLM", c))
+        ),
+        "",
+        "Per class (class-aware matching):",
+        "",
+        "| class | detector P | detector R | cascade P | cascade R |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {cls} | {d['per_class'][cls]['precision']} | {d['per_class'][cls]['recall']} | "
+            f"{c['per_class'][cls]['precision']} | {c['per_class'][cls]['recall']} |"
+            for cls in d["per_class"]
+        ),
+        "",
+        "![PR curves](plots/cascade_pr.png)",
+    ]
+    for kind, title in (
+        ("false_alarms_removed", "Detector false alarms the VLM removed"),
+        ("defects_wrongly_removed", "Defects the detector found and the VLM wrongly removed"),
+    ):
+        lines += ["", f"## {title} ({len(gallery[kind])} shown)", ""]
+        lines += [f"![{kind}]({file})" for file in gallery[kind]] or ["(none)"]
+    return "\n".join(lines) + "\n"

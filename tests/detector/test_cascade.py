@@ -1,0 +1,74 @@
+"""evaluate --cascade: detector alone vs detector + VLM, thresholds from val, pictures of the changes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from defectvlm.config import Params
+from defectvlm.detector.loading import ProposalDetector
+from defectvlm.detector.metrics import Box
+from defectvlm.evaluate import cascade
+from tests.conftest import run_cli, write_params
+from tests.inference.conftest import trained  # noqa: F401  (the adapter fixture)
+
+DEFECT = Box((10, 10, 40, 40), "slag")
+
+
+def judged(image: str) -> dict:
+    """Two images: the detector finds the defect (0.9) and raises two false alarms (0.8, 0.6) and a
+    weak true box elsewhere; the VLM keeps the defect (0.95), rejects the alarms (0.1, 0.2) and
+    wrongly rejects the weak defect (0.05)."""
+    weak = Box((60, 60, 90, 90), "streak")
+    detector = [
+        ([Box(DEFECT.xyxy, "slag", 0.9), Box((100, 10, 130, 40), "slag", 0.8)], [DEFECT]),
+        ([Box((5, 60, 35, 90), "streak", 0.6), Box(weak.xyxy, "streak", 0.7)], [weak]),
+    ]
+    vlm_scores = [[0.95, 0.1], [0.2, 0.05]]
+    cascade_pairs = [
+        ([Box(b.xyxy, b.cls, s) for b, s in zip(preds, scores, strict=True)], truths)
+        for (preds, truths), scores in zip(detector, vlm_scores, strict=True)
+    ]
+    return {"detector": detector, "cascade": cascade_pairs, "paths": [image, image]}
+
+
+def test_the_vlm_removes_false_alarms_and_the_report_shows_both_kinds(tmp_path, monkeypatch):
+    image = tmp_path / "line.png"
+    Image.new("RGB", (160, 120), "grey").save(image)
+    monkeypatch.setattr(cascade, "judged_split", lambda *args: judged(str(image)))
+    proposer = ProposalDetector(detector=None, confidence=0.05, nms_iou=0.5, max_boxes=8, name="fake")
+    metrics = cascade.evaluate_cascade(Params(), None, proposer, {"val": [], "test": []}, tmp_path / "out")
+    detector, judged_by_vlm = metrics["detector"], metrics["cascade"]
+    # val (the same pairs here) puts the detector's threshold at 0.7 (F1 0.8) and the VLM's at 0.95 (F1 2/3,
+    # tied with 0.05: the higher wins)
+    assert detector["threshold"] == 0.7 and judged_by_vlm["threshold"] == 0.95
+    assert (detector["precision"], detector["recall"], detector["false_alarms"]) == (0.6667, 1.0, 1)
+    assert (judged_by_vlm["precision"], judged_by_vlm["recall"], judged_by_vlm["false_alarms"]) == (1.0, 0.5, 0)
+    assert judged_by_vlm["false_alarms_per_image"] == 0.0 and detector["false_alarms_per_image"] == 0.5
+    assert judged_by_vlm["per_class"]["slag"]["recall"] == 1.0 and judged_by_vlm["per_class"]["streak"]["recall"] == 0
+    # the 0.6 alarm is below the detector's own threshold: not one of its false alarms
+    assert metrics["gallery"] == {"false_alarms_removed": 1, "defects_wrongly_removed": 1}
+    out = tmp_path / "out"
+    report = (out / "cascade_report.md").read_text()
+    for name in ("false_alarms_removed_00", "defects_wrongly_removed_00"):
+        assert (out / "gallery" / f"{name}.png").is_file() and f"gallery/{name}.png" in report
+    assert (out / "plots" / "cascade_pr.png").is_file()
+    assert json.loads((out / "cascade_metrics.json").read_text())["gain"]["precision"] == 0.3333
+
+
+@pytest.mark.slow
+def test_evaluate_cascade_end_to_end(trained, detector_dir, sft_dir, tmp_path):  # noqa: F811
+    params = write_params(tmp_path / "params.yaml", {})
+    split = sft_dir.parent / "02"
+    args = ("--run", trained[2], "--detector", detector_dir, "--split-dir", split, "--out", tmp_path / "r")
+    assert run_cli("evaluate", "--params", params, "--cascade", *args) == 0
+    metrics = json.loads((tmp_path / "r" / "cascade" / "cascade_metrics.json").read_text())
+    test_images = sum(1 for line in (split / "test.jsonl").read_text().splitlines() if line.strip())
+    assert metrics["images"] == test_images
+    assert 0 < metrics["proposals"]["proposals_per_image"] <= 8
+    for system in ("detector", "cascade"):
+        m = metrics[system]
+        assert m["truths"] == metrics["proposals"]["truths"] and 0 <= m["precision"] <= 1
+    assert (tmp_path / "r" / "cascade" / "plots" / "cascade_pr.png").is_file()
