@@ -244,9 +244,19 @@ STEPS: dict[str, Step] = {
             (
                 Input("splits", "split", "splits", ("train.jsonl", "val.jsonl"), help="folder with train/val.jsonl"),
                 Option("--no-tracking", "do not log to MLflow or register", switch=True),
-                Output("detector_run", "${detector.output_dir}", option=None, artifact="Model", metadata="metrics.json"),
+                Output(
+                    "detector_run", "${detector.output_dir}", option=None, artifact="Model", metadata="metrics.json"
+                ),
             ),
-            ("detector", "regions.min_box_size", "regions.max_boxes_per_image", "registry.model_name", "tracking"),
+            (
+                *_DATA_KEYS,
+                "detector",
+                "regions.min_box_size",
+                "regions.max_boxes_per_image",
+                "registry.model_name",
+                "tracking",
+                "train.output_dir",
+            ),
             (
                 *_CORE,
                 *(_SRC + f"detector/{f}.py" for f in ("data", "metrics", "model", "runtime", "tracking", "train")),
