@@ -260,7 +260,6 @@ STEPS: dict[str, Step] = {
             (
                 *_CORE,
                 *(_SRC + f"detector/{f}.py" for f in ("data", "metrics", "model", "runtime", "tracking", "train")),
-                _SRC + "data/regions.py",
                 _SRC + "train/data.py",
                 *(_SRC + f"tracking/{f}.py" for f in ("lineage", "mlflow_tracking", "registry")),
             ),
