@@ -257,3 +257,27 @@ def test_candidate_never_moves_back_to_an_older_pipeline_runs_version(on_server)
     assert registration["candidate"] == str(newer) and registration["alias"] is None
     again = register(on_server, 0.7, 0.8, "sft", "-S", "train.seed=7")  # B's next registration moves it on
     assert c.get_model_version_by_alias(NAME, "candidate").version == again
+
+
+def test_the_alias_lock_retries_when_the_servers_lookup_after_a_lost_race_finds_it_released():
+    """A server answers a lost create race by looking the lock up; when the holder released it in
+    between, that lookup fails with RESOURCE_DOES_NOT_EXIST, which means: try again."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+
+    class RacingClient:
+        def __init__(self):
+            self.creates, self.deleted = 0, []
+
+        def create_registered_model(self, name, description=""):
+            self.creates += 1
+            if self.creates == 1:
+                raise MlflowException("gone", error_code=RESOURCE_DOES_NOT_EXIST)
+
+        def delete_registered_model(self, name):
+            self.deleted.append(name)
+
+    racing = RacingClient()
+    with registry.alias_lock(racing, NAME, "candidate"):
+        assert racing.creates == 2
+    assert racing.deleted == [f"{NAME}.lock.candidate"]

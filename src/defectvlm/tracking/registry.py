@@ -221,6 +221,10 @@ def alias_lock(client, name: str, alias: str) -> Iterator[None]:
             client.create_registered_model(lock, description=f"{alias} of {name} is being moved by {holder}")
             break
         except MlflowException as exc:
+            # the server answers a lost insert race by looking the lock up: when its holder released
+            # it in between, that lookup fails with RESOURCE_DOES_NOT_EXIST: simply try again
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                continue
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
         try:
