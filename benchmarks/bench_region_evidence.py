@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import math
 import tempfile
@@ -87,7 +86,7 @@ def train_and_score(train: list[dict], test: list[dict], classes: list[str], ste
     params = load_params("params.yaml")
     family = get_family(params.model.family)
     phase = params.train.phase1
-    model, processor = load_base(dataclasses.replace(params.model, max_pixels=max_pixels))
+    model, processor = load_base(params.model.model_copy(update={"max_pixels": max_pixels}))
     model = apply_phase(model, family, phase, params.train.lora)
     groups = param_groups(model, family, phase)
     optimizer = torch.optim.AdamW(groups, weight_decay=0.0)

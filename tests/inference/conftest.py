@@ -5,7 +5,6 @@ training would move it), saved by the training code's own save path."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -51,8 +50,8 @@ def save_adapter(model, processor, folder: Path, sft_dir: Path) -> Path:
         "step": 1,
         "min_pixels": MIN_PIXELS,
         "max_pixels": MAX_PIXELS,
-        "phase_params": asdict(PHASE3),
-        "lora": asdict(LoraParams(r=4, alpha=8, dropout=0.0)),
+        "phase_params": PHASE3.model_dump(),
+        "lora": LoraParams(r=4, alpha=8, dropout=0.0).model_dump(),
     }
     state, modules = trained_tensors(model, FAMILY)
     save_trained(folder, model, state, modules, FAMILY, processor, info, prompt)

@@ -1,7 +1,8 @@
 """What a step really reads, recorded while it runs: the params keys it accesses on `Params`
 and the files under src/ whose functions it calls (or, for data files, opens).
 
-Not reads: loading and validating the params file (config.py touches every key of every step),
+Not reads: loading and validating the params file (the config package's `_check` validators
+touch every key of every step),
 `params_to_dict` (a copy of the whole file: the record a phase keeps in params.json, or the base
 of `-S` overrides), and MLflow logging (tracking/lineage.py, tracking/mlflow_tracking.py read every
 key to record it: the pipeline key, the flattened params, the lineage tags), except for a step
@@ -11,21 +12,22 @@ object count (evaluate rebuilds a phase's settings from the saved adapter: not p
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import sys
-import typing
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from pydantic import BaseModel
 
 from defectvlm.config import Params
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 _PACKAGE = SRC / "defectvlm"
 _RECORDING = {str(_PACKAGE / "tracking" / "lineage.py"), str(_PACKAGE / "tracking" / "mlflow_tracking.py")}
-_COPYING = {(str(_PACKAGE / "config.py"), name) for name in ("params_from_dict", "__post_init__", "params_to_dict")}
+_CONFIG = str(_PACKAGE / "config")
+_COPYING = {"load_params", "params_from_dict", "params_to_dict", "_check"}  # functions of the config package
 _IMPORT_TIME = {"<module>", "<listcomp>", "<dictcomp>", "<setcomp>", "<genexpr>"}
 
 
@@ -39,25 +41,25 @@ _active: Reads | None = None
 
 
 def _param_classes(cls: type = Params) -> set[type]:
-    """Params and every dataclass below it."""
+    """Params and every section model below it."""
     found = {cls}
-    for hint in typing.get_type_hints(cls).values():
-        if dataclasses.is_dataclass(hint):
-            found |= _param_classes(hint)
+    for info in cls.model_fields.values():
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            found |= _param_classes(info.annotation)
     return found
 
 
 def _not_a_read(frame, excluded_files: set[str]) -> bool:
     while frame is not None:
         code = frame.f_code
-        if code.co_filename in excluded_files or (code.co_filename, code.co_name) in _COPYING:
+        if code.co_filename in excluded_files or (code.co_filename.startswith(_CONFIG) and code.co_name in _COPYING):
             return True
         frame = frame.f_back
     return False
 
 
 def _tracer(classes: tuple[type, ...], prefixes: dict[int, str], reads: Reads, excluded_files: set[str]):
-    fields = {cls: {f.name for f in dataclasses.fields(cls)} for cls in classes}
+    fields = {cls: set(cls.model_fields) for cls in classes}
 
     def getattribute(self, name):
         value = object.__getattribute__(self, name)
@@ -68,7 +70,7 @@ def _tracer(classes: tuple[type, ...], prefixes: dict[int, str], reads: Reads, e
         if prefix is None:
             return value
         key = f"{prefix}.{name}" if prefix else name
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        if isinstance(value, BaseModel):
             prefixes[id(value)] = key
         elif not _not_a_read(sys._getframe(1), excluded_files):
             reads.params.add(key)

@@ -5,7 +5,6 @@ fails and every answer names the version that judged it."""
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from pathlib import Path
@@ -45,8 +44,8 @@ def save_tiny_adapter(folder: Path, params) -> None:
         "min_pixels": params.model.min_pixels,
         "max_pixels": params.model.max_pixels,
         "phase": 1,
-        "phase_params": dataclasses.asdict(phase),
-        "lora": dataclasses.asdict(lora),
+        "phase_params": phase.model_dump(),
+        "lora": lora.model_dump(),
     }
     sft = params.sft
     prompt = prompt_config(sft, load_templates(sft), load_knowledge(sft), base_classes(params), train=[])
@@ -58,7 +57,7 @@ def registry(tmp_path: Path, versions: int):
     versions of one tiny adapter (none when 0: the name only)."""
     params = load_params(REPO / "params.yaml")
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    params = dataclasses.replace(params, tracking=dataclasses.replace(params.tracking, uri=tracking_uri))
+    params = params.model_copy(update={"tracking": params.tracking.model_copy(update={"uri": tracking_uri})})
     client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     client.create_registered_model(NAME)
     if versions:

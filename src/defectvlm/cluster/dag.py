@@ -11,7 +11,6 @@ and the steps after them. The `cluster` section is not a parameter: it shapes th
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 
 from kfp import dsl, kubernetes
@@ -24,7 +23,7 @@ from defectvlm.steps import STEPS
 
 NAME = "defectvlm-finetune"
 # Sections that are pipeline parameters (everything but `cluster`, which shapes the compiled pipeline).
-RUNTIME_SECTIONS = tuple(f.name for f in dataclasses.fields(Params) if f.name != "cluster")
+RUNTIME_SECTIONS = tuple(name for name in Params.model_fields if name != "cluster")
 
 
 def build(params: Params, steps: dict[str, Step] = STEPS):

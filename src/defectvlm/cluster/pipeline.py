@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import dataclasses
 import json
 import os
 import re
@@ -89,8 +88,8 @@ def run_local(params: Params, root: Path, data_version: str) -> dict:
     from defectvlm.cluster.dag import build
 
     root = root.resolve()
-    cluster = dataclasses.replace(params.cluster, workspace=str(root / "workspace"), workspace_pvc="")
-    params = dataclasses.replace(params, cluster=cluster)
+    cluster = params.cluster.model_copy(update={"workspace": str(root / "workspace"), "workspace_pvc": ""})
+    params = params.model_copy(update={"cluster": cluster})
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root / "outputs"))
     pipeline = build(params)
     with warnings.catch_warnings():

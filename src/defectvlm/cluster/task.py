@@ -4,17 +4,16 @@ torchrun or a TrainJob when it needs several processes), then turn its outputs i
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import typing
 from pathlib import Path
 
 import yaml
+from pydantic import BaseModel
 
 from defectvlm.config import Params, params_from_dict, params_to_dict
 from defectvlm.step_types import Step, dest, source
@@ -141,20 +140,17 @@ def params_from_sections(sections: dict[str, dict]) -> Params:
 
     KFP passes dict parameters as protobuf Structs, whose numbers are all floats: integer
     fields get their int back before validation."""
-    hints = typing.get_type_hints(Params)
-    return params_from_dict({name: _restore_ints(hints[name], values) for name, values in sections.items()})
+    return params_from_dict({name: _restore_ints(Params, name, values) for name, values in sections.items()})
 
 
-def _restore_ints(cls: type, values: dict) -> dict:
-    hints = typing.get_type_hints(cls)
-    restored = dict(values)
-    for name, value in values.items():
-        hint = hints.get(name)
-        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-            restored[name] = _restore_ints(hint, value)
-        elif hint is int and isinstance(value, float) and value.is_integer():
-            restored[name] = int(value)
-    return restored
+def _restore_ints(model: type[BaseModel], name: str, value):
+    info = model.model_fields.get(name)
+    hint = info.annotation if info else None
+    if isinstance(hint, type) and issubclass(hint, BaseModel) and isinstance(value, dict):
+        return {key: _restore_ints(hint, key, inner) for key, inner in value.items()}
+    if hint is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def write_params(params: Params, path: Path) -> Path:

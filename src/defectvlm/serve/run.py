@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 
-from defectvlm.config import Params
+from defectvlm.config import Params, params_from_dict, params_to_dict
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,7 +63,9 @@ def serve_command(args: argparse.Namespace, params: Params) -> int:
     from defectvlm.serve.app import serve_forever
 
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    params = dataclasses.replace(params, serve=dataclasses.replace(params.serve, **overrides))
+    values = params_to_dict(params)
+    values["serve"].update(overrides)
+    params = params_from_dict(values)  # checked as in the file: --port 0 is refused, naming serve.port
     uri = args.model or f"models:/{params.registry.model_name}@champion"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = build_app(params, uri, follow=not args.no_follow)
