@@ -6,7 +6,9 @@ its outputs atomically. Exit codes: 0 ok, 1 the data (or a file, disk, server) b
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -17,7 +19,7 @@ from rich.table import Table
 from defectvlm.cluster.pipeline import add_arguments as add_pipeline_arguments
 from defectvlm.config import ConfigError, Params, field_docs, load_params, params_from_dict, params_to_dict
 from defectvlm.data.demo.items import DEFAULT_COUNT
-from defectvlm.errors import StepFailure, report_failure
+from defectvlm.errors import StepFailure, explain
 from defectvlm.io import write_json_atomic
 from defectvlm.serve.run import add_arguments as add_serve_arguments
 from defectvlm.serve.run import add_deploy_arguments
@@ -220,6 +222,24 @@ def build_parser(steps: dict[str, Step] = STEPS) -> argparse.ArgumentParser:
     add_serve_arguments(p)
     add_deploy_arguments(step("deploy", cmd_deploy, "KServe InferenceService YAML for a registered version."))
     return parser
+
+
+def report_failure(exc: BaseException, params_values: Callable[[], dict], debug: bool, console) -> int | None:
+    """What the CLI does with an exception a step raised: the step's open MLflow runs end as
+    FAILED (KILLED on an interrupt); an error the user can fix is printed as one paragraph
+    (with the traceback under --debug or DEFECTVLM_DEBUG=1) and its exit code returned;
+    None means re-raise (a bug, or an interrupt)."""
+    from defectvlm.tracking.mlflow_tracking import end_active_runs
+
+    end_active_runs("FAILED" if isinstance(exc, Exception) else "KILLED")
+    explained = explain(exc, params_values) if isinstance(exc, Exception) else None
+    if explained is None:
+        return None
+    code, kind, message = explained
+    if debug or os.environ.get("DEFECTVLM_DEBUG", "0") not in ("", "0"):
+        console.print_exception()
+    console.print(f"[red]{kind}[/]: {message}", highlight=False)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 from collections.abc import Callable
 
 import yaml
@@ -83,21 +82,3 @@ def explain(exc: Exception, params_values: Callable[[], dict]) -> tuple[int, str
     if isinstance(exc, (json.JSONDecodeError, yaml.YAMLError)):
         return 1, "error", _describe_decode_error(exc)
     return None
-
-
-def report_failure(exc: BaseException, params_values: Callable[[], dict], debug: bool, console) -> int | None:
-    """What the CLI does with an exception a step raised: the step's open MLflow runs end as
-    FAILED (KILLED on an interrupt); an error the user can fix is printed as one paragraph
-    (with the traceback under --debug or DEFECTVLM_DEBUG=1) and its exit code returned;
-    None means re-raise (a bug, or an interrupt)."""
-    from defectvlm.tracking.mlflow_tracking import end_active_runs
-
-    end_active_runs("FAILED" if isinstance(exc, Exception) else "KILLED")
-    explained = explain(exc, params_values) if isinstance(exc, Exception) else None
-    if explained is None:
-        return None
-    code, kind, message = explained
-    if debug or os.environ.get("DEFECTVLM_DEBUG", "0") not in ("", "0"):
-        console.print_exception()
-    console.print(f"[red]{kind}[/]: {message}", highlight=False)
-    return code
