@@ -14,17 +14,17 @@ import os
 import platform
 import time
 
+from defectvlm.data.images import load_upright
 from defectvlm.evaluate.scoring import generate_answers
 from defectvlm.inference.loading import load_model
 from defectvlm.inference.predict import predict_images, region_prompt_sample
 from defectvlm.inference.sources import find_images, grid_windows
-from defectvlm.train.data import load_image
 
 
 def generate_loop(loaded, images) -> None:
     config, prompt = loaded.config, loaded.config.prompt
     for path in images:
-        width, height = load_image(str(path)).size
+        width, height = load_upright(str(path)).size
         boxes = [r.in_pixels(width, height) for r in grid_windows(width, height, prompt["window"])]
         step = prompt["window"]["max_regions"]
         for first in range(0, len(boxes), step):

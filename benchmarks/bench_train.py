@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from defectvlm.config import load_params, params_from_dict, params_to_dict
-from defectvlm.train.loop import train_phase
+from defectvlm.train.loop import fit_phase
 
 
 def run(sft: Path, steps: int, batch_size: int, grouped: bool, work: Path) -> dict:
@@ -32,7 +32,7 @@ def run(sft: Path, steps: int, batch_size: int, grouped: bool, work: Path) -> di
         logging_steps=10**6,
     )
     raw["train"]["phase1"]["max_steps"] = steps
-    metrics = train_phase(params_from_dict(raw), 1, sft)
+    metrics = fit_phase(params_from_dict(raw), 1, sft)
     return {
         "group_by_length": grouped,
         "steps": metrics["steps"],

@@ -8,8 +8,9 @@ import json
 from collections.abc import Callable
 
 import yaml
+from pydantic import ValidationError
 
-from defectvlm.config import ConfigError
+from defectvlm.config import ConfigError, describe
 
 
 class StepFailure(RuntimeError):
@@ -60,6 +61,8 @@ def explain(exc: Exception, params_values: Callable[[], dict]) -> tuple[int, str
 
     if isinstance(exc, ConfigError):
         return 2, "parameter error", str(exc)
+    if isinstance(exc, ValidationError):  # a section built from a recorded file, e.g. an adapter's prompt.json
+        return 2, "parameter error", describe(exc)
     if isinstance(exc, StepFailure):
         return 1, "error", str(exc)
     if isinstance(exc, OSError):

@@ -116,10 +116,10 @@ def build_sft(params: Params, input: str, out: str) -> int:
 
 def train(params: Params, phase: int, input: str, resume: bool = False, no_tracking: bool = False) -> int:
     from defectvlm.tracking.mlflow_tracking import MlflowTracking
-    from defectvlm.train.loop import train_phase
+    from defectvlm.train.loop import fit_phase
 
     tracking = None if no_tracking else MlflowTracking(params, Path(input))
-    metrics = train_phase(params, phase, Path(input), resume=resume, tracking=tracking)
+    metrics = fit_phase(params, phase, Path(input), resume=resume, tracking=tracking)
     if metrics.get("enabled"):
         console.print(
             f"phase {phase}: {metrics['steps']} steps, best {params.train.metric_for_best_model}="

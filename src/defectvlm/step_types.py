@@ -91,7 +91,6 @@ class Step:
     deps: tuple[str, ...] = ()  # other DVC deps: raw data roots, config folders
     fixed: dict[str, Any] = field(default_factory=dict)  # option values of the DVC stage and KFP task
     cluster: Cluster = Cluster()
-    component: str = ""  # the KFP component's name (default: the step's)
 
     @property
     def inputs(self) -> tuple[Input, ...]:

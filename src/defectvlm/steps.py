@@ -14,7 +14,7 @@ from defectvlm import step_functions as run
 from defectvlm.step_types import Cluster, File, Input, Option, Output, Step
 
 _SRC = "src/defectvlm/"
-_CORE = tuple(_SRC + f for f in ("cli.py", "config.py", "io.py", "step_functions.py"))
+_CORE = tuple(_SRC + f for f in ("cli.py", "config", "io.py", "step_functions.py"))
 _DATA_KEYS = ("data.abnormal_root", "data.normal_root")
 _LABEL_KEYS = ("labels.format", "labels.coord_format", "labels.label_map")
 _SCAN_KEYS = ("ingest.verify", "ingest.image_extensions", "ingest.workers")
@@ -34,7 +34,7 @@ _TRAIN_CODE = (
     *_MODEL_CODE,
     *(_SRC + f"train/{f}.py" for f in ("artifacts", "data", "distributed", "loop", "phases", "validation")),
     *(_SRC + f"evaluate/{f}.py" for f in ("metrics", "scoring")),
-    _SRC + "data/sft.py",
+    *(_SRC + f"data/{f}.py" for f in ("images", "sft")),
     _SRC + "data/templates",
 )
 # the adapter carries the prompt it was trained with (best/prompt.json), built from these
@@ -81,7 +81,6 @@ def _train(n: int) -> Step:
         cluster=Cluster(
             "train", gpu=True, retry=False, run_folder=True, launcher=True, resume_marker="checkpoints/latest"
         ),
-        component="train_phase",
     )
 
 
@@ -227,6 +226,7 @@ STEPS: dict[str, Step] = {
                 *(_SRC + f"evaluate/{f}.py" for f in ("metrics", "report", "run", "scoring")),
                 _SRC + "inference/loading.py",
                 *(_SRC + f"train/{f}.py" for f in ("artifacts", "data")),
+                _SRC + "data/images.py",
                 _SRC + "data/templates",
             ),
             fixed={"run": "last"},
@@ -260,7 +260,7 @@ STEPS: dict[str, Step] = {
             (
                 *_CORE,
                 *(_SRC + f"detector/{f}.py" for f in ("data", "metrics", "model", "runtime", "tracking", "train")),
-                _SRC + "train/data.py",
+                _SRC + "data/images.py",
                 *(_SRC + f"tracking/{f}.py" for f in ("lineage", "mlflow_tracking", "registry")),
             ),
             cluster=Cluster(cache=False),

@@ -61,7 +61,7 @@ def test_local_pipeline_run_prepares_the_same_data_as_the_cli_trains_evaluates_a
 
     # phases train on the workspace; their adapters travel as artifacts, without checkpoints
     (run,) = (tmp_path / "kfp" / "workspace" / "runs").iterdir()
-    adapters = {n: outputs / f"train-phase{'' if n == 1 else f'-{n}'}" / "adapter" for n in (1, 2, 3)}
+    adapters = {n: outputs / f"train-phase{n}" / "adapter" for n in (1, 2, 3)}
     assert (adapters[1] / "best" / "adapter_model.safetensors").exists()
     assert not (adapters[2] / "best").exists()  # disabled
     assert read_json(adapters[3] / "phase.json")["starts_from"] == str(run / "phase1" / "best")

@@ -7,9 +7,9 @@ import shutil
 from pathlib import Path
 
 from defectvlm.config import load_params
+from defectvlm.data.images import load_upright
 from defectvlm.detector.runtime import OnnxDetector
 from defectvlm.io import read_jsonl
-from defectvlm.train.data import load_image
 from tests.conftest import run_cli, write_params
 from tests.detector.test_runtime import CANDIDATES, NAMES, SIZE
 from tests.detector.yolo_graph import write_yolo_onnx
@@ -31,7 +31,7 @@ def test_a_factory_yolo_onnx_proposes_the_regions(trained, sft_dir, tmp_path):  
     args = ("--params", params, "--proposals", "detector", "--detector", yolo)
     assert predict(tmp_path / "out", trained[2], one, *args) == 0
     (record,) = read_jsonl(tmp_path / "out" / "predictions.jsonl")
-    expected = OnnxDetector(yolo).detect(load_image(str(one)), 0.05, 0.5, 8)
+    expected = OnnxDetector(yolo).detect(load_upright(str(one)), 0.05, 0.5, 8)
     assert [r["xyxy"] for r in record["regions"]] == [list(d.xyxy) for d in expected]
     assert [(r["proposal"]["score"], r["proposal"]["cls"]) for r in record["regions"]] == [
         (d.score, d.cls) for d in expected

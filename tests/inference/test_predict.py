@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import requests
 
+from defectvlm.data.images import load_upright
 from defectvlm.inference.loading import load_model
 from defectvlm.inference.predict import region_prompt_sample
 from defectvlm.io import read_jsonl
-from defectvlm.train.data import load_image
 from tests.conftest import run_cli
 
 N_IMAGES = 3
@@ -45,7 +45,7 @@ def test_the_prompt_is_built_by_the_training_code_byte_for_byte(trained, sft_dir
     _, processor, folder = trained
     config = load_model(folder).config
     for sample in read_jsonl(sft_dir / "test.jsonl")[:5]:
-        width, height = load_image(sample["images"][0]).size
+        width, height = load_upright(sample["images"][0]).size
         regions = sample["meta"]["regions"]
         built = region_prompt_sample(
             sample["id"],
@@ -103,7 +103,7 @@ def test_glob_and_manifest_select_the_same_images(trained, images, tmp_path):
 def test_each_region_source_gives_its_boxes(trained, images, tmp_path):
     folder = trained[2]
     names = good_names(images)
-    size = {n: load_image(str(images / n)).size for n in names}
+    size = {n: load_upright(str(images / n)).size for n in names}
     boxes = tmp_path / "boxes.jsonl"
     boxes.write_text(
         "".join(
@@ -223,7 +223,7 @@ def test_serve_sends_the_model_the_prompts_predict_sends_and_answers_the_same_re
     def recording(model, processor_, samples, classes, batch_size):
         for sample in samples:
             text = processor.apply_chat_template(sample["messages"], tokenize=False)
-            sent.append((text, load_image(sample["images"][0]).tobytes()))
+            sent.append((text, load_upright(sample["images"][0]).tobytes()))
         return score_samples(model, processor_, samples, classes, batch_size)
 
     monkeypatch.setattr(predict_module, "score_samples", recording)

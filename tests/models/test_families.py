@@ -8,11 +8,12 @@ import torch
 from PIL import Image
 
 from defectvlm.config import ModelParams
+from defectvlm.data.images import load_upright
 from defectvlm.errors import StepFailure
 from defectvlm.models import attention
 from defectvlm.models.families import NORMALISED_RANGE, family_of, get_family
 from defectvlm.models.loading import load_base
-from defectvlm.train.data import IGNORE_INDEX, Collator, SftDataset, image_parts, load_image
+from defectvlm.train.data import IGNORE_INDEX, Collator, SftDataset, image_parts
 from tests.models.conftest import FAMILIES, MAX_PIXELS, MIN_PIXELS, tiny
 
 
@@ -46,7 +47,7 @@ def test_region_boxes_are_in_the_frame_of_the_familys_processor(name, family_sft
     _, processor = tiny(name)
     _, samples = family_sft(name)
     for sample in samples[:4]:
-        image = load_image(sample["images"][0])
+        image = load_upright(sample["images"][0])
         assert sample["meta"]["family"] == name
         frame = sample["meta"]["frame"]
         if family.tile_size is not None:  # InternVL: tiles of the family's size, boxes normalised

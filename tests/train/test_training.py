@@ -17,7 +17,7 @@ from defectvlm.models.tiny import build_tiny
 from defectvlm.tracking.lineage import file_md5
 from defectvlm.tracking.mlflow_tracking import MlflowTracking
 from defectvlm.train.artifacts import ADAPTER_FILE, PROMPT_FILE, load_trained
-from defectvlm.train.loop import build_model, train_phase, weights_digest
+from defectvlm.train.loop import build_model, fit_phase, weights_digest
 from defectvlm.train.phases import apply_phase, canonical
 from tests.conftest import REPO, write_params
 from tests.train.conftest import train_overrides
@@ -48,7 +48,7 @@ def test_three_phases_chain_log_to_mlflow_and_describe_themselves(sft_dir, train
     _, params = train_params()
     tracking = MlflowTracking(params, sft_dir)
     for number in (1, 2, 3):
-        metrics = train_phase(params, number, sft_dir, tracking=tracking)
+        metrics = fit_phase(params, number, sft_dir, tracking=tracking)
         assert metrics["steps"] == params.train.phase(number).max_steps
         out = Path(params.train.output_dir) / f"phase{number}"
         for name in ("metrics.json", "trainable.json", "params.json", "phase.json"):
@@ -95,16 +95,16 @@ def test_three_phases_chain_log_to_mlflow_and_describe_themselves(sft_dir, train
 
 def test_disabled_phase_is_skipped_and_the_next_starts_from_the_last_run(sft_dir, train_params):
     _, params = train_params(phase2={"enabled": False, "vision_lora_top_n": 2})
-    train_phase(params, 1, sft_dir)
-    assert train_phase(params, 2, sft_dir) == {"phase": 2, "enabled": False}
-    train_phase(params, 3, sft_dir)
+    fit_phase(params, 1, sft_dir)
+    assert fit_phase(params, 2, sft_dir) == {"phase": 2, "enabled": False}
+    fit_phase(params, 3, sft_dir)
     runs = Path(params.train.output_dir)
     assert read(runs / "phase3" / "best" / "phase.json")["starts_from"] == str(runs / "phase1" / "best")
 
 
 def test_zero3_saves_a_complete_adapter_that_reloads_to_the_same_tensors(sft_dir, train_params):
     _, params = train_params(deepspeed=str(REPO / "configs" / "deepspeed" / "zero3.json"), eval_steps=3)
-    metrics = train_phase(params, 1, sft_dir)
+    metrics = fit_phase(params, 1, sft_dir)
     best = Path(params.train.output_dir) / "phase1" / "best"
     adapter = load_file(str(best / "adapter_model.safetensors"))
     assert adapter and all(t.numel() > 0 for t in adapter.values())

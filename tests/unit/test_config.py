@@ -3,7 +3,16 @@ from pathlib import Path
 
 import pytest
 
-from defectvlm.config import ConfigError, Params, field_docs, load_params, params_from_dict, params_to_dict
+from defectvlm.config import (
+    ConfigError,
+    Params,
+    PhaseParams,
+    SftParams,
+    field_docs,
+    load_params,
+    params_from_dict,
+    params_to_dict,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -103,6 +112,23 @@ def test_model_copy_replaces_one_value_and_the_original_stays():
     params = params_from_dict({})
     moved = params.model_copy(update={"serve": params.serve.model_copy(update={"port": 9000})})
     assert moved.serve.port == 9000 and params.serve.port == 8000 and moved.train == params.train
+
+
+def test_a_section_built_in_code_from_bad_values_is_a_parameter_error():
+    from pydantic import ValidationError
+
+    from defectvlm.errors import explain
+
+    with pytest.raises(ValidationError) as info:
+        SftParams(crop_size=30)  # as from an adapter's prompt.json
+    assert explain(info.value, dict) == (
+        2,
+        "parameter error",
+        "SftParams.crop_size: must be a positive multiple of 28, got 30",
+    )
+    with pytest.raises(ValidationError) as info:
+        PhaseParams(max_steps="3")
+    assert explain(info.value, dict)[2] == "PhaseParams.max_steps: expected int, got str '3'"
 
 
 def test_ints_widen_to_float_and_sections_are_frozen():

@@ -44,7 +44,7 @@ def signature(step: Step, steps: dict[str, Step] = STEPS) -> list[tuple[str, str
 def component(step: Step, steps: dict[str, Step] = STEPS):
     """The step's KFP component. KFP ships a lightweight component as its function's source, so
     the function is written out (and kept in linecache, where `inspect.getsource` finds it)."""
-    name = step.component or step.name
+    name = step.name
     arguments = ", ".join(f"{parameter}: {annotation}" for parameter, annotation in signature(step, steps))
     source_text = (
         f"def {name}({arguments}):\n"

@@ -3,11 +3,12 @@
 Every field has a one-line `description`, which `defectvlm params` prints. Loading rejects
 unknown keys, wrong types and impossible values with a `ConfigError` naming the file, the line
 and the full dotted key. The sections live by family: data.py (raw data to SFT conversations),
-train.py (training, tracking, registry, detector), cluster.py, serve.py; params.py holds the
-whole; loading.py reads and writes it.
+train.py (training, tracking, registry, detector), cluster.py, serve.py; loading.py holds the
+whole (`Params`), reads it from a file and writes it back to a dict. base.py: what every
+section shares (strict, frozen, unknown keys refused) and the error types.
 """
 
-from defectvlm.config.base import Section
+from defectvlm.config.base import ConfigError, Section
 from defectvlm.config.cluster import ClusterParams, TrainJobParams
 from defectvlm.config.data import (
     SPLITS,
@@ -21,9 +22,7 @@ from defectvlm.config.data import (
     SftParams,
     SplitParams,
 )
-from defectvlm.config.errors import ConfigError
-from defectvlm.config.loading import load_params, params_from_dict, params_to_dict
-from defectvlm.config.params import Params, field_docs
+from defectvlm.config.loading import Params, describe, field_docs, load_params, params_from_dict, params_to_dict
 from defectvlm.config.serve import ServeParams
 from defectvlm.config.train import (
     GATE_METRICS,
@@ -61,6 +60,7 @@ __all__ = [
     "TrackingParams",
     "TrainJobParams",
     "TrainParams",
+    "describe",
     "field_docs",
     "load_params",
     "params_from_dict",

@@ -15,9 +15,19 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, model_validator
 
-from defectvlm.config.errors import FieldError
-
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+class ConfigError(ValueError):
+    """A parameter file that cannot be used; the message names file, line and key."""
+
+
+class FieldError(ValueError):
+    """A rule broken inside a section; `key` is relative to the section (`''`: the section itself)."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
 
 
 def _yaml_float(value: Any) -> Any:

@@ -107,8 +107,9 @@ def _map_point(x: float, y: float, orientation: int, w: int, h: int) -> tuple[fl
     }[orientation]
 
 
-def load_upright(path: str) -> Image.Image:
-    """RGB pixels with the EXIF orientation applied: the displayed frame boxes are written in."""
+def load_upright(path: str | BinaryIO) -> Image.Image:
+    """RGB pixels with the EXIF orientation applied: the displayed frame boxes are written in.
+    The one image loader of the project (exports, training, scoring, the detector, predict)."""
     with Image.open(path) as image:
         return ImageOps.exif_transpose(image).convert("RGB")
 

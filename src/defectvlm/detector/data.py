@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from defectvlm.data.images import load_upright
 from defectvlm.detector.model import STRIDE
 from defectvlm.detector.runtime import Letterbox, letterbox
-from defectvlm.train.data import load_image
 
 GAUSSIAN_ALPHA = 0.54  # share of a box's extent its centre peak spreads over (TTFNet's elliptic targets)
 REGRESSION_SHARE = 0.54  # middle share of a box whose cells regress it
@@ -43,7 +43,7 @@ def letterbox_records(records: list[dict], classes: list[str], size: int, min_bo
     number = {cls: i for i, cls in enumerate(classes)}
     out = []
     for record in records:
-        canvas, box = letterbox(load_image(record["path"]), size, size)
+        canvas, box = letterbox(load_upright(record["path"]), size, size)
         truths = truth_boxes(record, min_box_size)
         xyxy = np.array([t["xyxy"] for t in truths], dtype=np.float32).reshape(-1, 4)
         xyxy = xyxy * box.scale + np.array([box.left, box.top, box.left, box.top], dtype=np.float32)

@@ -22,13 +22,13 @@ from torch.nn import functional as F
 from torchvision.ops import generalized_box_iou_loss
 
 from defectvlm.config import Params
+from defectvlm.data.images import load_upright
 from defectvlm.detector.data import batch, letterbox_records, truth_boxes
 from defectvlm.detector.metrics import Box, detector_metrics
 from defectvlm.detector.model import ProposalHead, TinyCenterNet
 from defectvlm.detector.runtime import OnnxDetector, to_input
 from defectvlm.errors import StepFailure
 from defectvlm.io import read_splits, write_bytes_atomic, write_json_atomic
-from defectvlm.train.data import load_image
 
 ONNX_FILE = "detector.onnx"
 CONFIG_FILE = "detector.json"
@@ -158,7 +158,7 @@ def detect_split(detector: OnnxDetector, records: list[dict], config: dict) -> d
     """image id -> (detections at the proposal confidence and budget, seconds taken)."""
     found = {}
     for record in records:
-        image = load_image(record["path"])
+        image = load_upright(record["path"])
         started = time.perf_counter()
         detections = detector.detect(image, config["confidence"], config["nms_iou"], config["max_boxes"])
         found[record["id"]] = (detections, time.perf_counter() - started)
@@ -183,7 +183,7 @@ def onnx_parity(net: TinyCenterNet, detector: OnnxDetector, records: list[dict],
 
     worst, flips, cells = 0.0, 0, 0
     for record in records:
-        canvas, _ = letterbox(load_image(record["path"]), size, size)
+        canvas, _ = letterbox(load_upright(record["path"]), size, size)
         pixels = to_input(canvas)
         with torch.no_grad():
             expected = ProposalHead(net)(torch.from_numpy(pixels)).numpy()[0]

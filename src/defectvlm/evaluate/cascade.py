@@ -16,6 +16,7 @@ from pathlib import Path
 from PIL import ImageDraw
 
 from defectvlm.config import Params
+from defectvlm.data.images import load_upright
 from defectvlm.detector.data import truth_boxes
 from defectvlm.detector.loading import ProposalDetector
 from defectvlm.detector.metrics import Box, best_f1_threshold, counts_at, detector_metrics, match, pr_curve, scored_hits
@@ -23,7 +24,6 @@ from defectvlm.inference.loading import LoadedModel
 from defectvlm.inference.predict import predict_images
 from defectvlm.inference.sources import DetectorSource
 from defectvlm.io import write_json_atomic
-from defectvlm.train.data import load_image
 
 GALLERY_SIZE = 8
 CROP_MARGIN = 0.6
@@ -138,7 +138,7 @@ def _gallery(test: dict, detector_t: float, cascade_t: float, folder: Path) -> d
 
 
 def _crop(path: str, box: Box, target: Path) -> str:
-    image = load_image(path)
+    image = load_upright(path)
     x1, y1, x2, y2 = box.xyxy
     mx, my = (x2 - x1) * CROP_MARGIN + 16, (y2 - y1) * CROP_MARGIN + 16
     ImageDraw.Draw(image).rectangle([x1, y1, x2, y2], outline=(255, 40, 40), width=3)

@@ -13,7 +13,7 @@ import numpy as np  # noqa: E402
 from PIL import ImageDraw  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay  # noqa: E402
 
-from defectvlm.train.data import load_image  # noqa: E402
+from defectvlm.data.images import load_upright  # noqa: E402
 
 GALLERY_SIZE = 6
 CROP_MARGIN = 0.6  # context around the box, as a fraction of its size
@@ -80,7 +80,7 @@ def write_gallery(rows: list[dict], threshold: float, out: Path) -> dict[str, li
 
 
 def _crop_with_box(row: dict, path: Path) -> None:
-    image = load_image(row["path"])
+    image = load_upright(row["path"])
     x1, y1, x2, y2 = row["xyxy"]
     margin_x, margin_y = (x2 - x1) * CROP_MARGIN + 16, (y2 - y1) * CROP_MARGIN + 16
     box = (

@@ -25,12 +25,12 @@ from PIL import UnidentifiedImageError
 from rich.progress import Progress
 
 from defectvlm.config import SftParams
+from defectvlm.data.images import load_upright
 from defectvlm.data.sft import build_sample
 from defectvlm.evaluate.scoring import score_samples
 from defectvlm.inference.loading import InferenceConfig, LoadedModel
 from defectvlm.inference.sources import Region, RegionSource, grid_windows
 from defectvlm.models.families import get_family
-from defectvlm.train.data import load_image
 
 CHUNK = 16  # samples per call of the scoring pass (the progress bar's step)
 
@@ -80,7 +80,7 @@ class ImageToJudge:
     """One image and the candidate regions to judge on it, in pixels of the upright image."""
 
     name: str | None  # the record's "image": its path, or None for an upload
-    source: str | BinaryIO  # what load_image opens: a path, or the bytes of an upload
+    source: str | BinaryIO  # what load_upright opens: a path, or the bytes of an upload
     width: int
     height: int
     candidates: list[Region]
@@ -111,7 +111,7 @@ def predict_images(
     records, readable = [], []
     for path in images:
         try:
-            width, height = load_image(str(path)).size
+            width, height = load_upright(str(path)).size
         except (OSError, UnidentifiedImageError, ValueError) as exc:
             records.append({"image": str(path), "verdict": "unreadable", "reason": f"{type(exc).__name__}: {exc}"})
             continue

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from PIL import ImageDraw
 
+from defectvlm.data.images import load_upright
 from defectvlm.io import write_bytes_atomic, write_jsonl_atomic
-from defectvlm.train.data import load_image
 
 THUMBNAIL = 480
 FLAGGED, NORMAL = (220, 30, 30), (30, 160, 60)
@@ -93,7 +93,7 @@ def _csv(records: list[dict], classes: list[str]) -> str:
 
 def _drawn(record: dict) -> str:
     """The image with its regions drawn, as an inline PNG (deterministic bytes)."""
-    image = load_image(record["image"])
+    image = load_upright(record["image"])
     scale = min(1.0, THUMBNAIL / max(image.size))
     image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
     draw = ImageDraw.Draw(image)

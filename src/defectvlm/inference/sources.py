@@ -135,11 +135,11 @@ class DetectorSource:
         self.detector = detector
 
     def regions_for(self, image: Path) -> list[Region]:
-        from defectvlm.train.data import load_image
+        from defectvlm.data.images import load_upright
 
         return [
             Region(found.xyxy, f"detector {self.detector.name}", found.score, found.cls)
-            for found in self.detector.propose(load_image(str(image)))
+            for found in self.detector.propose(load_upright(str(image)))
         ]
 
 

@@ -11,8 +11,9 @@ import random
 from dataclasses import dataclass
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
+from defectvlm.data.images import load_upright
 from defectvlm.models.families import family_of
 
 IGNORE_INDEX = -100
@@ -20,12 +21,6 @@ MEGA_BATCH = 32  # batches sorted by length together before their order is shuff
 
 
 CROP_CONTEXT = 0.25  # context around a region's box in its crop, per side, as a fraction of the box
-
-
-def load_image(path: str) -> Image.Image:
-    """RGB, EXIF orientation applied: the displayed frame the boxes are written in."""
-    with Image.open(path) as image:
-        return ImageOps.exif_transpose(image).convert("RGB")
 
 
 def image_parts(sample: dict) -> list[dict]:
@@ -42,7 +37,7 @@ def image_parts(sample: dict) -> list[dict]:
 def load_part(part: dict, cache: dict[str, Image.Image]) -> Image.Image:
     """An image part: the whole image, or a square crop around a region's box (`crop`, `size`)."""
     if part["image"] not in cache:
-        cache[part["image"]] = load_image(part["image"])
+        cache[part["image"]] = load_upright(part["image"])
     image = cache[part["image"]]
     if "crop" not in part:
         return image

@@ -149,7 +149,7 @@ def lr_lambda(total_steps: int, warmup_ratio: float):
 # --- train -----------------------------------------------------------------------------
 
 
-def train_phase(params: Params, phase_number: int, sft_dir: Path, resume: bool = False, tracking=None) -> dict:
+def fit_phase(params: Params, phase_number: int, sft_dir: Path, resume: bool = False, tracking=None) -> dict:
     """Run one phase and return its metrics (see the module doc)."""
     phase = params.train.phase(phase_number)
     out = phase_dir(params, phase_number)
