@@ -1,7 +1,8 @@
 """What a step really reads, recorded while it runs: the params keys it accesses on `Params`
 and the files under src/ whose functions it calls (or, for data files, opens).
 
-Not reads: loading and validating the params file (the config package's `_check` validators
+A section's `model_dump()` (the adapter's record of its phase and LoRA settings) reads every key
+of it. Not reads: loading and validating the params file (the config package's `_check` validators
 touch every key of every step),
 `params_to_dict` (a copy of the whole file: the record a phase keeps in params.json, or the base
 of `-S` overrides), and MLflow logging (tracking/lineage.py, tracking/mlflow_tracking.py read every
@@ -27,7 +28,7 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 _PACKAGE = SRC / "defectvlm"
 _RECORDING = {str(_PACKAGE / "tracking" / "lineage.py"), str(_PACKAGE / "tracking" / "mlflow_tracking.py")}
 _CONFIG = str(_PACKAGE / "config")
-_COPYING = {"load_params", "params_from_dict", "params_to_dict", "_check"}  # functions of the config package
+_COPYING = {"load_params", "params_from_dict", "params_to_dict", "_check", "_sections_keep_their_defaults"}  # functions of the config package
 _IMPORT_TIME = {"<module>", "<listcomp>", "<dictcomp>", "<setcomp>", "<genexpr>"}
 
 
@@ -79,6 +80,26 @@ def _tracer(classes: tuple[type, ...], prefixes: dict[int, str], reads: Reads, e
     return getattribute
 
 
+def _keys(cls: type[BaseModel], prefix: str) -> set[str]:
+    """The dotted leaf keys of a section (its sub-sections' keys, not the sub-section)."""
+    keys = set()
+    for name, info in cls.model_fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        sub = info.annotation
+        keys |= _keys(sub, key) if isinstance(sub, type) and issubclass(sub, BaseModel) else {key}
+    return keys
+
+
+def _dump_tracer(prefixes: dict[int, str], reads: Reads, excluded_files: set[str]):
+    def model_dump(self, *args, **kwargs):
+        prefix = "" if type(self) is Params else prefixes.get(id(self))
+        if prefix is not None and not _not_a_read(sys._getframe(1), excluded_files):
+            reads.params |= _keys(type(self), prefix)
+        return BaseModel.model_dump(self, *args, **kwargs)
+
+    return model_dump
+
+
 def _profiler(reads: Reads, excluded_files: set[str]):
     package = str(_PACKAGE)
     seen: set = set()
@@ -122,8 +143,10 @@ def recording(records: bool = False) -> Iterator[Reads]:
     classes = tuple(_param_classes())
     prefixes: dict[int, str] = {}
     getattribute = _tracer(classes, prefixes, reads, excluded)
+    model_dump = _dump_tracer(prefixes, reads, excluded)
     for cls in classes:
         cls.__getattribute__ = getattribute
+        cls.model_dump = model_dump
     _active = reads
     sys.setprofile(_profiler(reads, excluded))
     try:
@@ -133,3 +156,4 @@ def recording(records: bool = False) -> Iterator[Reads]:
         _active = None
         for cls in classes:
             del cls.__getattribute__
+            del cls.model_dump

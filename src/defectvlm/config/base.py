@@ -57,11 +57,14 @@ OpenFraction = rule(lambda v: 0 <= v < 1, "within [0, 1)")
 
 
 class Section(BaseModel):
-    """A params section: frozen, unknown keys refused, types checked strictly, defaults checked too.
+    """A params section: frozen, unknown keys refused, types checked strictly, defaults checked too
+    (every load checks every section, given or default: the whole config package runs each time).
     Built in code (`SftParams(format="yolo")`), a bad value raises pydantic's ValidationError;
     `params_from_dict` and `load_params` turn it into a ConfigError naming the key."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, validate_default=True)
+    model_config = ConfigDict(
+        frozen=True, extra="forbid", strict=True, validate_default=True, revalidate_instances="always"
+    )
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"{type(self).__name__} is frozen: use model_copy(update={{{name!r}: ...}})")

@@ -8,6 +8,8 @@ from pydantic import Field
 
 from defectvlm.config.base import AtLeastOne, Float, NonNegative, Section, rule
 
+Port = rule(lambda v: 0 < v < 65536, "within 1..65535")
+
 
 class ServeParams(Section):
     """The HTTP service (`defectvlm serve`): limits, dynamic batching, auth and alias following."""
@@ -15,7 +17,7 @@ class ServeParams(Section):
     host: str = Field(
         "127.0.0.1", description="Address to bind; 127.0.0.1 keeps the service off the network unless told."
     )
-    port: Annotated[int, rule(lambda v: 0 < v < 65536, "within 1..65535")] = Field(8000, description="TCP port.")
+    port: Annotated[int, Port] = Field(8000, description="TCP port.")
     max_batch_size: Annotated[int, AtLeastOne] = Field(
         8, description="Most images scored in one forward pass (1 turns batching off)."
     )

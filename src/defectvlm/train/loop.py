@@ -334,8 +334,8 @@ def _phase_info(params: Params, phase_number: int, start: Path | None, family, s
         "step": step,
         "min_pixels": params.model.min_pixels,
         "max_pixels": params.model.max_pixels,
-        "phase_params": params_to_dict(params.train.phase(phase_number)),
-        "lora": params_to_dict(params.train.lora),
+        "phase_params": params.train.phase(phase_number).model_dump(),
+        "lora": params.train.lora.model_dump(),
     }
 
 
