@@ -189,8 +189,14 @@ class RegionParams:
     max_boxes_per_image: int = param(8, "Most regions per image; positives are kept first.")
     negatives_from: Literal["random", "detector", "both"] = param(
         "random",
-        "Where negatives come from: random draws shaped like defects. detector | both (the detector's false "
-        "positives as hard negatives) are refused: they need out-of-fold detector predictions (not built).",
+        "Where negatives come from: random draws shaped like defects; detector: the false positives of "
+        "out-of-fold detectors (never one that trained on the image); both: detector ones first, random ones fill.",
+    )
+    negatives_folds: int = param(
+        3, "detector | both: k of the k-fold over the training split's groups (k detectors, each on k-1 folds; >= 2)."
+    )
+    negatives_detector_steps: int = param(
+        0, "detector | both: optimizer steps of each fold's detector (0: detector.steps; fewer is cheaper)."
     )
     seed: int = param(42, "Seed; each image's draws use seed + image id, never processing order.")
 
@@ -203,13 +209,15 @@ class RegionParams:
                 _fail(f"regions.{key}", f"must be within [0, 1], got {getattr(self, key)}")
         if self.max_boxes_per_image < 1:
             _fail("regions.max_boxes_per_image", f"must be >= 1, got {self.max_boxes_per_image}")
-        if self.negatives_from != "random":
+        if self.negatives_detector_steps < 0:
+            _fail("regions.negatives_detector_steps", f"must be >= 0, got {self.negatives_detector_steps}")
+        if self.negatives_from != "random" and self.negatives_folds < 2:
             _fail(
-                "regions.negatives_from",
-                f"{self.negatives_from} is refused: the detector's predictions on training images would come from "
-                "a detector trained on those same images (leakage: its false positives there are not the ones it "
-                "makes on new images). It needs out-of-fold predictions (k-fold over training groups), which are "
-                "not built yet; use random",
+                "regions.negatives_folds",
+                f"{self.negatives_folds} is refused with negatives_from: {self.negatives_from}: a training image's "
+                "detector negatives must come from a detector that never trained on it (leakage: its false "
+                "positives on its own training images are not the ones it makes on new images). The rule is "
+                "out-of-fold predictions, k-fold over the training groups with k >= 2; set it to 2 or more",
             )
 
 

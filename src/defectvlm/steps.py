@@ -165,8 +165,24 @@ STEPS: dict[str, Step] = {
                 Input("splits", "split", "splits", _SPLIT_FILES, help="folder with the split files"),
                 _split_outputs("candidates", "data/03_regions", "regions_summary.json"),
             ),
-            ("regions", "model.family", "model.min_pixels", "model.max_pixels"),
-            (*_CORE, _SRC + "data/regions.py", _SRC + "models/families.py", _SRC + "seeding.py"),
+            # negatives_from: detector | both trains out-of-fold detectors with train_detector's code and
+            # detector.* settings (not output_dir: they write nothing there)
+            (
+                "regions",
+                "model.family",
+                "model.min_pixels",
+                "model.max_pixels",
+                *(f"detector.{k}" for k in ("batch_size", "confidence", "crop_size", "input_size", "lr", "nms_iou")),
+                *(f"detector.{k}" for k in ("seed", "steps", "threads", "width")),
+            ),
+            (
+                *_CORE,
+                _SRC + "data/regions.py",
+                _SRC + "models/families.py",
+                _SRC + "seeding.py",
+                *(_SRC + f"detector/{f}.py" for f in ("data", "model", "out_of_fold", "runtime", "train")),
+                _SRC + "train/data.py",
+            ),
         ),
         # a swift / llamafactory / yolo export writes images in the model family's frame
         Step(
