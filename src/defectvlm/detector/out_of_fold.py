@@ -90,9 +90,7 @@ def _detect(net, classes: list[str], p: DetectorParams, max_boxes: int, record: 
     return decode(output, box, image.width, image.height, classes, p.confidence, p.nms_iou, max_boxes)
 
 
-def out_of_fold(
-    splits: dict[str, list[dict]], regions: RegionParams, detector: DetectorParams, log=print
-) -> OutOfFold:
+def out_of_fold(splits: dict[str, list[dict]], regions: RegionParams, detector: DetectorParams, log=print) -> OutOfFold:
     """Train the k fold detectors and predict every image of every split with the one that did not see it."""
     train = splits["train"]
     k = regions.negatives_folds
