@@ -53,7 +53,7 @@ def test_no_image_is_predicted_by_a_detector_that_trained_on_its_group(splits, m
         return []
 
     monkeypatch.setattr(oof, "fit", fake_fit)
-    monkeypatch.setattr(oof, "_detect", fake_detect)
+    monkeypatch.setattr(oof, "predict_image", fake_detect)
     result = oof.out_of_fold(splits, RegionParams(negatives_from="both", negatives_folds=3), DetectorParams())
     assert len(trained_on) == 3
     group_of = {r["id"]: r["split_group"] for rows in splits.values() for r in rows}

@@ -82,7 +82,8 @@ def held_out_model(group: str, k: int, seed: int) -> int:
     return min(int(item_uniform(seed, f"negatives_model\0{group}") * k), k - 1)
 
 
-def _detect(net, classes: list[str], p: DetectorParams, max_boxes: int, record: dict) -> list[Detection]:
+def predict_image(net, classes: list[str], p: DetectorParams, max_boxes: int, record: dict) -> list[Detection]:
+    """One image through a fold model, decoded as inference decodes it (see the module doc)."""
     image = load_image(record["path"])
     canvas, box = letterbox(image, p.input_size, p.input_size)
     with torch.no_grad():
@@ -108,5 +109,5 @@ def out_of_fold(splits: dict[str, list[dict]], regions: RegionParams, detector: 
         net, _, _ = fit(seen, classes, detector, regions.min_box_size, log, f"fold {fold + 1}/{k} detector", steps)
         for record in everything:
             if predicted_by[record["id"]] == fold:
-                detections[record["id"]] = _detect(net, classes, detector, regions.max_boxes_per_image, record)
+                detections[record["id"]] = predict_image(net, classes, detector, regions.max_boxes_per_image, record)
     return OutOfFold(folds, predicted_by, detections, classes, steps)
