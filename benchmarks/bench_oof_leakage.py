@@ -42,8 +42,8 @@ def main() -> None:
         found = predict_image(net, classes, p, r.max_boxes_per_image, record)
         counts["detections"] += len(found)
         counts["false_positives"] += len(detector_negatives(found, record, r, counts))
-    summary = json.loads((Path(args.regions) / "regions_summary.json").read_text(encoding="utf-8"))
-    oof = summary["splits"]["train"]
+    summary_file = Path(args.regions) / "regions_summary.json"
+    oof = json.loads(summary_file.read_text(encoding="utf-8"))["splits"]["train"] if summary_file.exists() else {}
     images = len(train)
     rows = {
         "in_sample": {
@@ -52,7 +52,8 @@ def main() -> None:
             "ambiguous_per_image": round(counts["detector_ambiguous"] / images, 3),
             "cpu_seconds": round(time.process_time() - started, 1),
         },
-        "out_of_fold": {
+        "out_of_fold": oof
+        and {
             "false_positives_per_image": round(
                 (oof.get("detector_negatives", 0) + oof.get("detector_negatives_truncated", 0)) / images, 3
             ),
