@@ -84,7 +84,7 @@ def split(params: Params, input: str, out: str) -> int:
 def regions(params: Params, input: str, out: str) -> int:
     from defectvlm.data.regions import build_regions
 
-    result = build_regions(read_splits(input, SPLITS), params.regions, params.model)
+    result = build_regions(read_splits(input, SPLITS), params.regions, params.model, params.detector, console.print)
     write_splits(Path(out), result.splits)
     write_json_atomic(Path(out) / "regions_summary.json", result.summary)
     for name, counts in result.summary["splits"].items():

@@ -164,8 +164,24 @@ STEPS: dict[str, Step] = {
                 Input("splits", "split", "splits", _SPLIT_FILES, help="folder with the split files"),
                 _split_outputs("candidates", "data/03_regions", "regions_summary.json"),
             ),
-            ("regions", "model.family", "model.min_pixels", "model.max_pixels"),
-            (*_CORE, _SRC + "data/regions.py", _SRC + "models/families.py", _SRC + "seeding.py"),
+            # negatives_from: detector | both trains out-of-fold detectors with train_detector's code and
+            # detector.* settings (not output_dir: they write nothing there)
+            (
+                "regions",
+                "model.family",
+                "model.min_pixels",
+                "model.max_pixels",
+                *(f"detector.{k}" for k in ("batch_size", "confidence", "crop_size", "input_size", "lr", "nms_iou")),
+                *(f"detector.{k}" for k in ("seed", "steps", "threads", "width")),
+            ),
+            (
+                *_CORE,
+                *(_SRC + f"data/{f}.py" for f in ("boxes", "regions")),
+                _SRC + "models/families.py",
+                _SRC + "seeding.py",
+                *(_SRC + f"detector/{f}.py" for f in ("data", "model", "out_of_fold", "runtime", "train")),
+                _SRC + "data/images.py",
+            ),
         ),
         # a swift / llamafactory / yolo export writes images in the model family's frame
         Step(
@@ -260,7 +276,7 @@ STEPS: dict[str, Step] = {
             (
                 *_CORE,
                 *(_SRC + f"detector/{f}.py" for f in ("data", "metrics", "model", "runtime", "tracking", "train")),
-                _SRC + "data/images.py",
+                *(_SRC + f"data/{f}.py" for f in ("boxes", "images")),
                 *(_SRC + f"tracking/{f}.py" for f in ("lineage", "mlflow_tracking", "registry")),
             ),
             cluster=Cluster(cache=False),

@@ -67,7 +67,10 @@ def test_bad_detector_params_name_the_key(section, message):
 
 
 @pytest.mark.parametrize("source", ["detector", "both"])
-def test_detector_negatives_are_refused_with_the_leakage_rule(source):
-    with pytest.raises(ConfigError, match="regions.negatives_from: .*out-of-fold predictions"):
-        params_from_dict({"regions": {"negatives_from": source}})
-    assert params_from_dict({"regions": {"negatives_from": "random"}}).regions.negatives_from == "random"
+def test_detector_negatives_without_out_of_fold_models_are_refused_with_the_leakage_rule(source):
+    for folds in (0, 1):
+        with pytest.raises(ConfigError, match="regions.negatives_folds: .*never trained on it.*out-of-fold"):
+            params_from_dict({"regions": {"negatives_from": source, "negatives_folds": folds}})
+    assert params_from_dict({"regions": {"negatives_from": source}}).regions.negatives_folds == 3
+    random = params_from_dict({"regions": {"negatives_from": "random", "negatives_folds": 1}})
+    assert random.regions.negatives_folds == 1  # no detector negatives: nothing to leak

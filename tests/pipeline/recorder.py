@@ -28,7 +28,13 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 _PACKAGE = SRC / "defectvlm"
 _RECORDING = {str(_PACKAGE / "tracking" / "lineage.py"), str(_PACKAGE / "tracking" / "mlflow_tracking.py")}
 _CONFIG = str(_PACKAGE / "config")
-_COPYING = {"load_params", "params_from_dict", "params_to_dict", "_check", "_sections_keep_their_defaults"}  # functions of the config package
+_COPYING = {
+    "load_params",
+    "params_from_dict",
+    "params_to_dict",
+    "_check",
+    "_sections_keep_their_defaults",
+}  # functions of the config package
 _IMPORT_TIME = {"<module>", "<listcomp>", "<dictcomp>", "<setcomp>", "<genexpr>"}
 
 

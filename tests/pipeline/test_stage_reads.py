@@ -40,8 +40,8 @@ CONDITIONAL = {
     # a raw label missing from label_map; an Ultralytics tree's background image; a prediction-only task
     "ingest": {"labels.unknown_label", "labels.background_images", "labels.use_predictions"},
     "split": {"split.group_depth", "split.group_regex"},  # group_by: parent_depth / regex
-    # decoy_count: fixed; negatives_from is checked on load (only `random` is accepted)
-    "regions": {"regions.normal_decoys_per_image", "regions.negatives_from"},
+    # decoy_count: fixed (the recorded run: negatives_from both, its fold detectors on detector.steps)
+    "regions": {"regions.normal_decoys_per_image"},
     "sft": {  # language: en; format: swift | llamafactory | yolo
         "src/defectvlm/data/templates/en.yaml",
         "src/defectvlm/data/exports.py",
@@ -86,6 +86,7 @@ def recorded(tmp_path_factory):
     fast.update({f"phase{n}": {"max_steps": 4} for n in (1, 2, 3)})
     detector = {"steps": 2, "input_size": 64, "crop_size": 32, "width": 4, "threads": 1}
     overrides = {"train": fast, "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}"}, "detector": detector}
+    overrides["regions"] = {"negatives_from": "both", "negatives_folds": 2}  # the out-of-fold detectors' reads
     write_params(root / "params.yaml", overrides)
     reads = {}
     previous = Path.cwd()

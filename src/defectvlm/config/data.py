@@ -203,20 +203,28 @@ class RegionParams(Section):
     )
     negatives_from: Literal["random", "detector", "both"] = Field(
         "random",
-        description="Where negatives come from: random draws shaped like defects. detector | both (the detector's "
-        "false positives as hard negatives) are refused: they need out-of-fold detector predictions (not built).",
+        description="Where negatives come from: random draws shaped like defects; detector: the false positives of "
+        "out-of-fold detectors (never one that trained on the image); both: detector ones first, random ones fill.",
+    )
+    negatives_folds: int = Field(
+        3,
+        description="detector | both: k of the k-fold over the training split's groups (k detectors, each on k-1 "
+        "folds; >= 2).",
+    )
+    negatives_detector_steps: Annotated[int, NonNegative] = Field(
+        0, description="detector | both: optimizer steps of each fold's detector (0: detector.steps; fewer is cheaper)."
     )
     seed: int = Field(42, description="Seed; each image's draws use seed + image id, never processing order.")
 
     @model_validator(mode="after")
     def _check(self) -> RegionParams:
-        if self.negatives_from != "random":
+        if self.negatives_from != "random" and self.negatives_folds < 2:
             fail(
-                "negatives_from",
-                f"{self.negatives_from} is refused: the detector's predictions on training images would come from "
-                "a detector trained on those same images (leakage: its false positives there are not the ones it "
-                "makes on new images). It needs out-of-fold predictions (k-fold over training groups), which are "
-                "not built yet; use random",
+                "negatives_folds",
+                f"{self.negatives_folds} is refused with negatives_from: {self.negatives_from}: a training image's "
+                "detector negatives must come from a detector that never trained on it (leakage: its false "
+                "positives on its own training images are not the ones it makes on new images). The rule is "
+                "out-of-fold predictions, k-fold over the training groups with k >= 2; set it to 2 or more",
             )
         return self
 

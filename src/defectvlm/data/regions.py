@@ -9,6 +9,16 @@ count reveals the label; every draw for an image comes from a generator seeded b
 (seed, image id), so the output does not depend on processing order. Region ids R1..Rk
 follow a shuffled order. Each region keeps its pixel box (displayed frame) and its box in
 the model family's native frame.
+
+Hard negatives (`negatives_from: detector | both`): the false positives of out-of-fold
+detectors (`defectvlm.detector.out_of_fold`: never a detector that trained on the image).
+A detection is a false positive when its IoU with every label box of the image (any class,
+any size, also those too small to be positives) is at most `neg_max_iou`, the rule random
+negatives follow; one at IoU >= 0.5 with a label box (the cascade's match rule) is a hit,
+one in between is ambiguous: neither becomes a region (counted). Mix and budget: positives
+first (at most `max_boxes_per_image`), then the detector's false positives best score first
+in the room left; `detector` stops there, `both` then draws random negatives (decoys on
+normal images) until the image has as many negatives as `random` would give it.
 """
 
 from __future__ import annotations
@@ -19,7 +29,8 @@ import statistics
 from collections import Counter
 from dataclasses import dataclass
 
-from defectvlm.config import SPLITS, ModelParams, RegionParams
+from defectvlm.config import SPLITS, DetectorParams, ModelParams, RegionParams
+from defectvlm.data.boxes import iou
 from defectvlm.errors import StepFailure
 from defectvlm.models.families import Family, get_family
 from defectvlm.seeding import item_rng
@@ -27,20 +38,13 @@ from defectvlm.seeding import item_rng
 PLACEMENT_ATTEMPTS = 50
 NEGATIVE_MUTUAL_MAX_IOU = 0.5  # negatives may touch each other, not repeat each other
 SIZE_JITTER = 0.15  # log-normal spread around a sampled positive's size
+DETECTOR_HIT_IOU = 0.5  # a detection this close to a label box found it (detector.metrics.IOU_MATCH)
 
 
 @dataclass(frozen=True)
 class RegionsResult:
     splits: dict[str, list[dict]]
     summary: dict
-
-
-def iou(a: list[float], b: list[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def clean_positives(boxes: list[dict], params: RegionParams, counts: Counter) -> list[dict]:
@@ -56,6 +60,21 @@ def clean_positives(boxes: list[dict], params: RegionParams, counts: Counter) ->
             continue
         kept.append(box)
     return kept
+
+
+def detector_negatives(detections: list, record: dict, params: RegionParams, counts: Counter) -> list[list[float]]:
+    """The image's detector false positives (pixel boxes, best score first; rule in the module doc)."""
+    truths = [b["xyxy"] for b in record["boxes"]]
+    negatives = []
+    for detection in sorted(detections, key=lambda d: -d.score):
+        overlap = max((iou(list(detection.xyxy), t) for t in truths), default=0.0)
+        if overlap >= DETECTOR_HIT_IOU:
+            counts["detector_hits"] += 1
+        elif overlap > params.neg_max_iou:
+            counts["detector_ambiguous"] += 1
+        else:
+            negatives.append(list(detection.xyxy))
+    return negatives
 
 
 @dataclass(frozen=True)
@@ -99,8 +118,9 @@ def image_regions(
     model: ModelParams,
     family: Family,
     counts: Counter,
+    hard: list[list[float]] | None = None,
 ) -> dict:
-    """The candidate regions of one image (see the module doc)."""
+    """The candidate regions of one image (see the module doc); `hard`: its detector false positives."""
     rng = item_rng(params.seed, record["id"])
     width, height = record["width"], record["height"]
     positives = clean_positives(record["boxes"], params, counts)
@@ -115,12 +135,22 @@ def image_regions(
     else:
         wanted, source = params.normal_decoys_per_image, "decoy"
     room = params.max_boxes_per_image - len(positives)
+    hard = hard or []
+    if len(hard) > room:
+        counts["detector_negatives_truncated"] += len(hard) - room
+        hard = hard[:room]
+    if params.negatives_from == "detector":
+        wanted = 0
+    else:  # random, or both: random draws fill up to the random count
+        wanted = max(0, wanted - len(hard))
+        room -= len(hard)
     if wanted > room:
         counts[f"{source}s_truncated"] += wanted - room
         wanted = room
 
     regions = [{"xyxy": list(b["xyxy"]), "label": "abnormal", "cls": b["cls"], "source": "positive"} for b in positives]
-    placed: list[list[float]] = []
+    regions += [{"xyxy": box, "label": "normal", "cls": None, "source": "detector"} for box in hard]
+    placed: list[list[float]] = list(hard)
     for _ in range(wanted):
         for _attempt in range(PLACEMENT_ATTEMPTS):
             box = _draw_box(rng, prior.shapes, width, height, params.min_box_size)
@@ -139,7 +169,7 @@ def image_regions(
     for number, region in enumerate(regions, start=1):
         native = family.to_native(region["xyxy"], width, height, frame)
         out.append({"rid": f"R{number}", **region, "box": native})
-        counts[f"{region['source']}s"] += 1
+        counts["detector_negatives" if region["source"] == "detector" else f"{region['source']}s"] += 1
     return {
         "id": record["id"],
         "path": record["path"],
@@ -154,13 +184,41 @@ def image_regions(
     }
 
 
-def build_regions(splits: dict[str, list[dict]], params: RegionParams, model: ModelParams) -> RegionsResult:
+def build_regions(
+    splits: dict[str, list[dict]],
+    params: RegionParams,
+    model: ModelParams,
+    detector: DetectorParams | None = None,
+    log=print,
+) -> RegionsResult:
+    """Every split's regions; `detector` (its params) is needed when negatives_from is detector or both."""
     family = get_family(model.family)
     prior = train_prior(splits["train"], params)
     result, summary = {}, {"family": family.name, "coords": family.coords, "splits": {}}
+    found = {}
+    summary["negatives"] = {"from": params.negatives_from}
+    if params.negatives_from != "random":
+        from defectvlm.detector.out_of_fold import out_of_fold
+
+        if detector is None:
+            raise StepFailure(f"regions.negatives_from: {params.negatives_from} needs the detector's params")
+        oof = out_of_fold(splits, params, detector, log)
+        found = oof.detections
+        summary["negatives"].update(oof.summary(splits))
     for name in SPLITS:
         counts: Counter = Counter()
-        rows = [image_regions(r, prior, params, model, family, counts) for r in splits[name]]
+        rows = [
+            image_regions(
+                r,
+                prior,
+                params,
+                model,
+                family,
+                counts,
+                detector_negatives(found[r["id"]], r, params, counts) if found else None,
+            )
+            for r in splits[name]
+        ]
         per_image = Counter((r["label"], len(r["regions"])) for r in rows)
         summary["splits"][name] = {
             "images": len(rows),

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from defectvlm.data.regions import iou
+from defectvlm.data.boxes import iou
 
 IOU_MATCH = 0.5
 

@@ -21,7 +21,7 @@ import torch
 from torch.nn import functional as F
 from torchvision.ops import generalized_box_iou_loss
 
-from defectvlm.config import Params
+from defectvlm.config import DetectorParams, Params
 from defectvlm.data.images import load_upright
 from defectvlm.detector.data import batch, letterbox_records, truth_boxes
 from defectvlm.detector.metrics import Box, detector_metrics
@@ -67,27 +67,34 @@ def split_classes(splits: dict[str, list[dict]], min_box_size: float) -> list[st
     return classes
 
 
-def train_detector(params: Params, split_dir: Path, log=print) -> dict:
-    """Train, export and check the detector; returns metrics.json's content."""
-    p = params.detector
-    min_box = params.regions.min_box_size
-    splits = read_splits(split_dir, ("train", "val"))
-    classes = split_classes(splits, min_box)
+def fit(
+    records: list[dict],
+    classes: list[str],
+    p: DetectorParams,
+    min_box_size: float,
+    log=print,
+    name: str = "detector",
+    steps: int | None = None,
+) -> tuple[TinyCenterNet, list[float], float]:
+    """Train a detector on `records` with `p`'s settings and seed for `steps` (default `p.steps`):
+    (network in eval mode, losses, seconds). The one training loop: `train-detector` and the
+    regions step's out-of-fold models both call it."""
+    steps = p.steps if steps is None else steps
     torch.manual_seed(p.seed)
     torch.set_num_threads(p.threads)
     started = time.perf_counter()
-    items = letterbox_records(splits["train"], classes, p.input_size, min_box)
+    items = letterbox_records(records, classes, p.input_size, min_box_size)
     net = TinyCenterNet(len(classes), p.width)
     optimizer = torch.optim.AdamW(net.parameters(), lr=p.lr, weight_decay=1e-4)
-    warmup = max(1, p.steps // 20)
+    warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (p.steps - warmup))),
+        lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup))),
     )
     rng = np.random.default_rng(p.seed)
     net.train()
     losses = []
-    for step in range(p.steps):
+    for step in range(steps):
         images, target = batch(items, p.crop_size, len(classes), rng, p.batch_size)
         loss = detector_loss(net(images), target)
         optimizer.zero_grad(set_to_none=True)
@@ -96,11 +103,20 @@ def train_detector(params: Params, split_dir: Path, log=print) -> dict:
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
-        if (step + 1) % max(1, p.steps // 10) == 0:
-            log(f"detector step {step + 1}/{p.steps}: loss {np.mean(losses[-20:]):.4f}")
-    train_seconds = time.perf_counter() - started
-    window = max(1, min(20, p.steps // 4))  # steps averaged for the first and the final loss
+        if (step + 1) % max(1, steps // 10) == 0:
+            log(f"{name} step {step + 1}/{steps}: loss {np.mean(losses[-20:]):.4f}")
     net.eval()
+    return net, losses, time.perf_counter() - started
+
+
+def train_detector(params: Params, split_dir: Path, log=print) -> dict:
+    """Train, export and check the detector; returns metrics.json's content."""
+    p = params.detector
+    min_box = params.regions.min_box_size
+    splits = read_splits(split_dir, ("train", "val"))
+    classes = split_classes(splits, min_box)
+    net, losses, train_seconds = fit(splits["train"], classes, p, min_box, log)
+    window = max(1, min(20, p.steps // 4))  # steps averaged for the first and the final loss
 
     out = Path(p.output_dir)
     buffer = io.BytesIO()
