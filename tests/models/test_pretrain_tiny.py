@@ -42,8 +42,9 @@ def test_training_changes_the_weights(tmp_path: Path) -> None:
     with safe_open(str(tmp_path / tiny.WEIGHTS_FILE), "pt") as weights:
         changed = [k for k in weights.keys() if not torch.equal(weights.get_tensor(k), random_model.state_dict()[k])]
     assert any(k.startswith("model.visual.") for k in changed)
-    assert any(k.startswith("model.language_model.") for k in changed)
-    assert any(k.startswith("lm_head") for k in changed)
+    assert any(k.startswith("model.language_model.layers.") for k in changed)
+    # fine-tuning keeps the embeddings and the head frozen: pretraining leaves tiny-random's
+    assert not [k for k in changed if k.startswith(pretrain_tiny.FROZEN)]
 
 
 def test_corpus_is_generic_and_uses_the_sft_region_frame(tmp_path: Path) -> None:
@@ -59,7 +60,24 @@ def test_corpus_is_generic_and_uses_the_sft_region_frame(tmp_path: Path) -> None
         lines = sample["messages"][2]["content"].split("\n")
         assert len(crops) == len(lines) >= 1
         assert user[1]["text"].endswith("<regions>\n") and user[-1]["text"] == "\n</regions>"
-        assert all(line.split(": ")[1] in (*generic_corpus.THINGS, generic_corpus.NOTHING) for line in lines)
+        things = sample["meta"]["things"]
+        assert lines == [generic_corpus.region_answer(f"R{k}", t) for k, t in enumerate(things, start=1)]
+        assert all(t in (*generic_corpus.THINGS, generic_corpus.NOTHING) for t in things)
+    answers = {line.split(": ", 1)[1] for s in listed for line in s["messages"][2]["content"].split("\n")}
+    assert generic_corpus.PLAIN in answers and any(a.startswith(generic_corpus.MARKED + " | ") for a in answers)
+
+
+def test_recall_items_are_text_only_and_answer_each_region_from_its_note() -> None:
+    for index in range(20):
+        sample = generic_corpus.build_recall_item(0, index)
+        user = sample["messages"][1]["content"]
+        assert [part["type"] for part in user] == ["text"]
+        notes = [line.rsplit("] ", 1)[1] for line in user[0]["text"].split("\n") if line.startswith("R")]
+        answers = sample["messages"][2]["content"].split("\n")
+        assert len(notes) == len(answers) == len(sample["meta"]["things"]) >= 1
+        for k, (note, answer, thing) in enumerate(zip(notes, answers, sample["meta"]["things"], strict=True), start=1):
+            assert note == generic_corpus.SYNONYMS[thing] and answer == generic_corpus.region_answer(f"R{k}", thing)
+    assert len(generic_corpus.build_recall_item(0, 5, single=True)["meta"]["things"]) == 1
 
 
 def test_pretrained_weights_load_and_tiny_keeps_the_random_model(tmp_path: Path) -> None:
@@ -80,3 +98,37 @@ def test_pretrained_weights_load_and_tiny_keeps_the_random_model(tmp_path: Path)
 def test_missing_pretrained_weights_name_the_command_that_makes_them(tmp_path: Path) -> None:
     with pytest.raises(StepFailure, match="python -m defectvlm.models.pretrain_tiny"):
         tiny.load_pretrained_tiny(3136, 200704, folder=tmp_path)
+
+
+def test_the_curriculum_starts_with_single_region_items(tmp_path: Path) -> None:
+    samples, _ = pretrain_tiny.build_corpus(0, 40, tmp_path)
+    _, processor = tiny.build_tiny(generic_corpus.MIN_PIXELS, generic_corpus.MAX_PIXELS)
+    dataset = pretrain_tiny.SftDataset(samples, processor)
+    recipe = {**pretrain_tiny.DEFAULTS, "steps": 12, "batch_size": 2, "curriculum": 0.5}
+    order = pretrain_tiny.step_order(samples, dataset, recipe)
+    regions = [[len(samples[i]["meta"]["things"]) for i in batch] for batch in order]
+    assert len(order) == 12 and all(1 <= len(batch) <= 2 for batch in order)  # an epoch's last batch may be short
+    assert all(count == 1 for batch in regions[:6] for count in batch)
+    assert any(count > 1 for batch in regions[6:] for count in batch)
+
+
+def test_the_shipped_weights_record_the_scripts_recipe_and_load_offline(monkeypatch) -> None:
+    recipe = tiny.pretrained_recipe()  # the package's models/tiny_pretrained/
+    assert {k: v for k, v in recipe.items() if k != "corpus_sha256"} == pretrain_tiny.DEFAULTS
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, processor = load_base(ModelParams(name_or_path="tiny-pretrained"))
+    random_model, random_processor = load_base(ModelParams(name_or_path="tiny-random"))
+    assert processor.tokenizer.get_vocab() == random_processor.tokenizer.get_vocab()
+    pretrained, random_state = model.state_dict(), random_model.state_dict()
+    assert not torch.equal(
+        pretrained["model.language_model.layers.0.mlp.up_proj.weight"],
+        random_state["model.language_model.layers.0.mlp.up_proj.weight"],
+    )
+    assert torch.equal(pretrained["lm_head.weight"], random_state["lm_head.weight"])
+
+
+@pytest.mark.slow
+def test_the_shipped_corpus_digest_is_the_scripts_corpus(tmp_path: Path) -> None:
+    recipe = tiny.pretrained_recipe()
+    _, digest = pretrain_tiny.build_corpus(recipe["seed"], recipe["items"], tmp_path, recipe["recall_share"])
+    assert digest == recipe["corpus_sha256"]

@@ -4,7 +4,13 @@ Each item is a small picture: a background (flat, grain, clouds, stripes or a gr
 any tint) with a few listed regions, each holding one generic thing (a line, spots, a blob,
 a bright or a dark patch, a texture change) or nothing. The questions ask what each listed
 region holds, which region holds a given thing or is brightest, how many hold something, or
-for a one-line description of the picture.
+for a one-line description of the picture. Region answers have the SFT answer's shape with
+generic words (`R2: marked | blob`, `R1: plain`), so fine-tuning only has to remap words.
+
+A share of items (`recall`) has no picture: each listed region's line ends with a word
+naming what it holds (a synonym: "stroke" for a line), and the answer is the same list. It
+teaches the language model, cheaply, to find region k's evidence in the prompt when it
+writes answer line k — what the picture items need with a crop in place of the word.
 
 Nothing here comes from the demo (`defectvlm.data.demo`): no powder bed, no defect classes,
 no defect stamps, no defect or inspection wording. Only the region frame is shared with
@@ -31,9 +37,20 @@ THINGS = ("line", "spots", "blob", "bright patch", "dark patch", "texture")
 NOTHING = "nothing"
 BACKGROUNDS = ("flat", "grain", "clouds", "stripes", "gradient")
 TASK_WEIGHTS = {"list": 0.7, "which": 0.1, "brightest": 0.08, "count": 0.07, "describe": 0.05}
+PLAIN, MARKED = "plain", "marked"  # the answer's words for an empty region and for one holding a thing
+SYNONYMS = {  # recall items: the word written after a region's line in the prompt
+    NOTHING: "empty",
+    "line": "stroke",
+    "spots": "dots",
+    "blob": "lump",
+    "bright patch": "light area",
+    "dark patch": "shadow",
+    "texture": "pattern change",
+}
 SYSTEM = "You look at pictures. Answer only about the regions listed in <regions>, one line per region when asked."
 QUESTIONS = {
     "list": "What does each listed region hold?",
+    "recall": "What does each listed region hold, by its note?",
     "which": "Which listed region holds a {thing}?",
     "brightest": "Which listed region is the brightest?",
     "count": "How many listed regions hold something?",
@@ -126,8 +143,14 @@ def _paint(rng: np.random.Generator, grey: np.ndarray, box: tuple[int, ...], thi
         region[...] = mean + other + rng.uniform(-15.0, 15.0)
 
 
-def draw_item(seed: int, index: int) -> tuple[Image.Image, list[Region], str]:
-    """The picture, its regions (objects and empty ones, in listing order) and its background kind."""
+def region_answer(rid: str, thing: str) -> str:
+    """`R2: marked | blob` or `R1: plain`: the SFT answer line's shape with generic words."""
+    return f"{rid}: {PLAIN}" if thing == NOTHING else f"{rid}: {MARKED} | {thing}"
+
+
+def draw_item(seed: int, index: int, single: bool = False) -> tuple[Image.Image, list[Region], str]:
+    """The picture, its regions (objects and empty ones, in listing order) and its background kind;
+    `single`: one region only."""
     rng = np.random.default_rng([seed, index])
     width, height = 8 * int(rng.integers(16, 41)), 8 * int(rng.integers(16, 41))
     background = str(rng.choice(BACKGROUNDS))
@@ -135,7 +158,7 @@ def draw_item(seed: int, index: int) -> tuple[Image.Image, list[Region], str]:
     regions: list[Region] = []
     # a third of the items list one region: the word depends on its crop alone, which is learnt
     # first; the others then teach which crop each answer line belongs to
-    count = 1 if rng.random() < 0.35 else int(rng.integers(2, _MAX_REGIONS + 1))
+    count = 1 if rng.random() < 0.35 or single else int(rng.integers(2, _MAX_REGIONS + 1))
     for _ in range(count):
         box = _place(rng, width, height, regions)
         if box is None:
@@ -151,7 +174,7 @@ def draw_item(seed: int, index: int) -> tuple[Image.Image, list[Region], str]:
 
 def _answer(task: str, regions: list[dict], rng: np.random.Generator, background: str) -> tuple[str, str]:
     """(question, answer) for one task."""
-    lines = [f"{r['rid']}: {r['thing']}" for r in regions]
+    lines = [region_answer(r["rid"], r["thing"]) for r in regions]
     if task == "list":
         return QUESTIONS["list"], "\n".join(lines)
     if task == "which":
@@ -175,9 +198,36 @@ def _frame_templates() -> dict:
     return {key: templates[key] for key in ("region_line", "regions_block")}
 
 
-def build_item(seed: int, index: int, folder, crop_size: int) -> tuple[dict, bytes]:
-    """One conversation (native SFT layout, image written under `folder`) and the image bytes."""
-    picture, drawn, background = draw_item(seed, index)
+def build_recall_item(seed: int, index: int, single: bool = False) -> dict:
+    """A text-only item: the region lines end with a note naming what each holds; the answer lists them."""
+    rng = np.random.default_rng([seed, index, 2])
+    count = 1 if single else int(rng.integers(1, _MAX_REGIONS + 1))
+    lines, answers, things = [], [], []
+    for k in range(1, count + 1):
+        x1, y1 = (int(v) for v in rng.integers(0, 900, 2))
+        x2, y2 = x1 + int(rng.integers(10, 120)), y1 + int(rng.integers(10, 120))
+        thing = NOTHING if rng.random() < 0.4 else str(rng.choice(THINGS))
+        region_line = _frame_templates()["region_line"].format(rid=f"R{k}", x1=x1, y1=y1, x2=x2, y2=y2)
+        lines.append(f"{region_line} {SYNONYMS[thing]}")
+        answers.append(region_answer(f"R{k}", thing))
+        things.append(thing)
+    block = _frame_templates()["regions_block"].format(lines="\n".join(lines))
+    return {
+        "id": f"generic-{index:06d}",
+        "task": "recall",
+        "messages": [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": [{"type": "text", "text": f"{QUESTIONS['recall']}\n{block}"}]},
+            {"role": "assistant", "content": "\n".join(answers)},
+        ],
+        "meta": {"things": things, "crops": False},
+    }
+
+
+def build_item(seed: int, index: int, folder, crop_size: int, single: bool = False) -> tuple[dict, bytes]:
+    """One conversation (native SFT layout, image written under `folder`) and the image bytes;
+    `single`: one listed region, asked what it holds."""
+    picture, drawn, background = draw_item(seed, index, single)
     grey = np.asarray(picture.convert("L"), dtype=np.float32)
     family = get_family("qwen2_5_vl")
     width, height = picture.size
@@ -199,7 +249,7 @@ def build_item(seed: int, index: int, folder, crop_size: int) -> tuple[dict, byt
     path.write_bytes(data)
 
     rng = np.random.default_rng([seed, index, 1])
-    task = str(rng.choice(list(TASK_WEIGHTS), p=list(TASK_WEIGHTS.values())))
+    task = "list" if single else str(rng.choice(list(TASK_WEIGHTS), p=list(TASK_WEIGHTS.values())))
     question, answer = _answer(task, regions, rng, background)
     params = SftParams(region_encoding="coords+crops", crop_size=crop_size)
     image = {"path": str(path), "regions": regions}
@@ -211,6 +261,6 @@ def build_item(seed: int, index: int, folder, crop_size: int) -> tuple[dict, byt
             {"role": "user", "content": user_content(image, question, _frame_templates(), params)},
             {"role": "assistant", "content": answer},
         ],
-        "meta": {"things": [r["thing"] for r in regions]},  # in crop order (pretrain_tiny's crop loss)
+        "meta": {"things": [r["thing"] for r in regions], "crops": True},  # in crop order (pretrain_tiny's crop loss)
     }
     return sample, data
