@@ -42,6 +42,8 @@ _PROMPT_KEYS = tuple(
     f"sft.{key}" for key in ("crop_size", "knowledge", "language", "region_encoding", "summary", "templates")
 )
 _PHASES_ENABLED = tuple(f"train.phase{n}.enabled" for n in (1, 2, 3))
+_INFERENCE_CODE = tuple(_SRC + f"inference/{f}.py" for f in ("export", "loading", "predict", "report", "sources"))
+_DETECTOR_RUNTIME = tuple(_SRC + f"detector/{f}.py" for f in ("loading", "runtime"))
 _SFT_HELP = "folder with native SFT files"
 _RAW = ("${data.abnormal_root}", "${data.normal_root}")
 
@@ -49,6 +51,19 @@ _RAW = ("${data.abnormal_root}", "${data.normal_root}")
 def _phases(upto: int) -> tuple[Input, ...]:
     """The trained phases a step reads from train.output_dir (in KFP: their adapter artifacts)."""
     return tuple(Input(f"phase{n}", f"train_phase{n}", "adapter", option=None) for n in range(1, upto))
+
+
+def _registered(option: str) -> Input:
+    """The version `register` wrote (its registration.json); on the command line any model URI."""
+    return Input(
+        "registration",
+        "register",
+        "registration",
+        option=option,
+        help="models:/<name>@<alias>, models:/<name>/<version>, @<alias> (registry.model_name), a registration.json "
+        "(the version `register` wrote), a run or an export folder",
+        cli="required",
+    )
 
 
 def _train(n: int) -> Step:
@@ -295,6 +310,7 @@ STEPS: dict[str, Step] = {
                     artifact="Artifact",
                     cache=False,
                     metadata="registration.json",
+                    result=True,
                 ),
                 *_phases(4),
             ),
@@ -307,6 +323,119 @@ STEPS: dict[str, Step] = {
             ),
             fixed={"run": "last"},
             cluster=Cluster(cache=False, run_folder=True),
+        ),
+        # the registered model used as a line uses it: `--model` in the stage and the task is the
+        # registration record, the exact version `register` wrote (reproducible; `@candidate` may
+        # belong to another pipeline run); its proposals come from this pipeline's detector
+        Step(
+            "predict",
+            "predict",
+            run.predict,
+            "Run a model on new images: predictions.jsonl, predictions.csv and report.html. Regions from --regions "
+            "(boxes .jsonl, a folder of YOLO prediction .txt files, or a Label Studio .json export) or "
+            "--proposals detector; without either, a grid of windows the size of the median training defect.",
+            (
+                _registered("--model"),
+                Input(
+                    "images",
+                    "split",
+                    "splits",
+                    ("test.jsonl",),
+                    option="--images",
+                    help="a folder (recursive), a glob, or a manifest (.jsonl or .txt)",
+                    file="test.jsonl",
+                    cli="required",
+                ),
+                Output(
+                    "predictions",
+                    "reports/predict",
+                    "output folder (default: reports/predict)",
+                    (File("predictions.jsonl"), File("predictions.csv"), File("report.html", cache=False)),
+                    artifact="Artifact",
+                ),
+                Option(
+                    "--regions",
+                    "candidate boxes: .jsonl, Label Studio .json, or a YOLO predictions folder",
+                    group="regions",
+                ),
+                Option(
+                    "--proposals",
+                    "detector: the regions are the proposal detector's boxes",
+                    choices=("detector",),
+                    group="regions",
+                ),
+                Input(
+                    "proposal_detector",
+                    "train_detector",
+                    "detector_run",
+                    option="--detector",
+                    help="with --proposals detector: models:/<name>@<alias>, a train-detector folder, or an ONNX "
+                    "file (ours or an Ultralytics YOLO export); default: models:/<registry.model_name>-detector"
+                    "@candidate",
+                    cli="optional",
+                ),
+                Option("--threshold", "override the model's threshold (chosen on val)", type=float),
+                Option("--batch-size", default=8, type=int),
+                Option("--device", "cpu, cuda, cuda:1 ... (default: cuda when available)"),
+                Option("--quiet", "no progress bar", switch=True),
+            ),
+            (
+                "tracking.uri",
+                "detector.confidence",
+                "detector.nms_iou",
+                "detector.threads",
+                "regions.max_boxes_per_image",
+            ),
+            (*_CORE, *_MODEL_CODE, *_INFERENCE_CODE, *_DETECTOR_RUNTIME),
+            fixed={"proposals": "detector", "quiet": True},
+            cluster=Cluster("train", gpu=True),
+        ),
+        # a merged checkpoint of the registered version, its parity check tagged on the version
+        Step(
+            "export",
+            "export",
+            run.export,
+            "Merge a model into a plain Hugging Face checkpoint (+ defectvlm.json) and prove it scores like "
+            "base+adapter.",
+            (
+                _registered("--model"),
+                Output(
+                    "exported",
+                    "exports/candidate",
+                    "the export folder",
+                    artifact="Model",
+                    metadata="defectvlm.json:parity",
+                    cli="required",
+                ),
+            ),
+            ("tracking.uri",),
+            (*_CORE, *_MODEL_CODE, *_INFERENCE_CODE),
+            cluster=Cluster("train", gpu=True, cache=False),
+        ),
+        # cluster only: the InferenceService for the version this run registered, once its export
+        # passed the parity check (registry.require_export_parity); `kubectl apply` it after promote
+        Step(
+            "deploy",
+            "deploy",
+            run.deploy,
+            "KServe InferenceService YAML for the registered version and its export (vLLM variant).",
+            (
+                _registered("--model"),
+                Input("exported", "export", "exported", option="--export-uri", uri=True),
+                Output("deployment", "deploy", "output folder", artifact="Artifact"),
+            ),
+            (
+                "cluster",
+                "model.min_pixels",
+                "model.max_pixels",
+                "registry.require_export_parity",
+                "serve.max_boxes",
+                "serve.token_env",
+                "tracking.uri",
+            ),
+            (*_CORE, _SRC + "serve/deploy.py", _SRC + "cluster/images.py", _SRC + "tracking/registry.py"),
+            cluster=Cluster(cache=False),
+            forms=("kfp",),
         ),
     )
 }

@@ -23,7 +23,8 @@ import yaml
 from defectvlm.cli import build_parser
 from defectvlm.config import field_docs, load_params, params_to_dict
 from defectvlm.data.demo import generate_demo
-from defectvlm.dvc_stages import dvc_yaml
+from defectvlm.dvc_stages import declared_paths, dvc_yaml
+from defectvlm.step_types import dest
 from defectvlm.steps import STEPS
 from tests.conftest import REPO, write_params
 from tests.pipeline.recorder import recording
@@ -86,15 +87,23 @@ def recorded(tmp_path_factory):
     fast.update({f"phase{n}": {"max_steps": 4} for n in (1, 2, 3)})
     detector = {"steps": 2, "input_size": 64, "crop_size": 32, "width": 4, "threads": 1}
     overrides = {"train": fast, "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}"}, "detector": detector}
+    overrides["registry"] = {"require_export_parity": True}  # deploy checks the export's parity tag
     write_params(root / "params.yaml", overrides)
+    values = params_to_dict(load_params(root / "params.yaml"))
     reads = {}
     previous = Path.cwd()
     os.chdir(root)
     try:
         for name, stage in DVC.items():
-            args = build_parser().parse_args(shlex.split(stage["cmd"])[1:])
+            args = build_parser().parse_args(shlex.split(_interpolate(stage["cmd"], values))[1:])
             with recording(records=name in RECORD_STEPS) as reads[name]:
                 assert args.func(args) == 0, name
+        for name, step in STEPS.items():  # a cluster-only step: its function on the declared paths
+            if name not in DVC:
+                options = {dest(o): step.fixed.get(dest(o), o.default) for o in step.options if not o.sets}
+                paths = {key: _interpolate(str(path), values) for key, path in declared_paths(step, STEPS).items()}
+                with recording(records=name in RECORD_STEPS) as reads[name]:
+                    assert step.function(load_params("params.yaml"), **options, **paths) == 0, name
     finally:
         os.chdir(previous)
     return reads
