@@ -152,7 +152,9 @@ def add_step_commands(step, steps: dict[str, Step]) -> None:
                     kwargs["choices"] = argument.choices
                 if argument.type:
                     kwargs["type"] = argument.type
-                where = groups.setdefault(argument.group, p.add_mutually_exclusive_group()) if argument.group else p
+                if argument.group and argument.group not in groups:
+                    groups[argument.group] = p.add_mutually_exclusive_group()
+                where = groups[argument.group] if argument.group else p
                 where.add_argument(argument.flag, help=argument.help, required=argument.required, **kwargs)
             elif isinstance(argument, Output) and argument.option:
                 default = argument.path if argument.cli == "default" else None
