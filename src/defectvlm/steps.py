@@ -11,41 +11,10 @@ step means writing its function and appending its declaration here.
 from __future__ import annotations
 
 from defectvlm import step_functions as run
+from defectvlm import step_reads as reads
 from defectvlm.step_types import Cluster, File, Input, Option, Output, Step
 
-_SRC = "src/defectvlm/"
-_CORE = tuple(_SRC + f for f in ("cli.py", "config.py", "io.py", "step_functions.py"))
-_DATA_KEYS = ("data.abnormal_root", "data.normal_root")
-_LABEL_KEYS = ("labels.format", "labels.coord_format", "labels.label_map")
-_SCAN_KEYS = ("ingest.verify", "ingest.image_extensions", "ingest.workers")
-_SCAN_CODE = tuple(_SRC + f"data/{f}.py" for f in ("images", "ingest", "labels", "pairing"))
-_MODEL_CODE = tuple(_SRC + f"models/{f}.py" for f in ("attention", "families", "loading", "tiny", "tiny_families"))
-_TRAIN_KEYS = tuple(
-    f"train.{key}"
-    for key in (
-        "output_dir", "deepspeed", "seed", "batch_size", "grad_accum", "max_length", "group_by_length",
-        "warmup_ratio", "weight_decay", "max_grad_norm", "gradient_checkpointing", "qlora", "logging_steps",
-        "eval_steps", "save_steps", "save_total_limit", "metric_for_best_model", "greater_is_better", "lora",
-    )
-)  # fmt: skip
-# training picks its best checkpoint with the scoring pass (evaluate/), whose answers use the templates
-_TRAIN_CODE = (
-    *_CORE,
-    *_MODEL_CODE,
-    *(_SRC + f"train/{f}.py" for f in ("artifacts", "data", "distributed", "loop", "phases", "validation")),
-    *(_SRC + f"evaluate/{f}.py" for f in ("metrics", "scoring")),
-    _SRC + "data/sft.py",
-    _SRC + "data/templates",
-)
-# the adapter carries the prompt it was trained with (best/prompt.json), built from these
-_PROMPT_KEYS = tuple(
-    f"sft.{key}" for key in ("crop_size", "knowledge", "language", "region_encoding", "summary", "templates")
-)
-_PHASES_ENABLED = tuple(f"train.phase{n}.enabled" for n in (1, 2, 3))
-_INFERENCE_CODE = tuple(_SRC + f"inference/{f}.py" for f in ("export", "loading", "predict", "report", "sources"))
-_DETECTOR_RUNTIME = tuple(_SRC + f"detector/{f}.py" for f in ("loading", "runtime"))
 _SFT_HELP = "folder with native SFT files"
-_RAW = ("${data.abnormal_root}", "${data.normal_root}")
 
 
 def _phases(upto: int) -> tuple[Input, ...]:
@@ -89,8 +58,8 @@ def _train(n: int) -> Step:
                 leave=("checkpoints",),
             ),
         ),
-        ("model", *_PROMPT_KEYS, *_TRAIN_KEYS, f"train.phase{n}", *earlier),
-        _TRAIN_CODE,
+        ("model", *reads.PROMPT_KEYS, *reads.TRAIN_KEYS, f"train.phase{n}", *earlier),
+        reads.TRAIN_CODE,
         deps=("configs/deepspeed",),
         fixed={"phase": n},
         cluster=Cluster(
@@ -133,9 +102,9 @@ STEPS: dict[str, Step] = {
                     cache=False,
                 ),
             ),
-            (*_DATA_KEYS, *_LABEL_KEYS, *_SCAN_KEYS),
-            (*_CORE, *_SCAN_CODE, _SRC + "data/label_stats.py"),
-            deps=_RAW,
+            (*reads.DATA_KEYS, *reads.LABEL_KEYS, *reads.SCAN_KEYS),
+            (*reads.CORE, *reads.SCAN_CODE, reads.SRC + "data/label_stats.py"),
+            deps=reads.RAW,
             cluster=Cluster(data_version=True),
         ),
         Step(
@@ -153,9 +122,9 @@ STEPS: dict[str, Step] = {
                 ),
                 Option("--quiet", "no progress bar", switch=True),
             ),
-            (*_DATA_KEYS, "labels", "ingest"),
-            (*_CORE, *_SCAN_CODE, _SRC + "data/found.py", _SRC + "data/records.py"),
-            deps=_RAW,
+            (*reads.DATA_KEYS, "labels", "ingest"),
+            (*reads.CORE, *reads.SCAN_CODE, reads.SRC + "data/found.py", reads.SRC + "data/records.py"),
+            deps=reads.RAW,
             fixed={"quiet": True},
             cluster=Cluster(data_version=True),
         ),
@@ -169,7 +138,7 @@ STEPS: dict[str, Step] = {
                 _split_outputs("splits", "data/02_split", "split_report.json"),
             ),
             ("split",),
-            (*_CORE, _SRC + "data/split.py", _SRC + "seeding.py"),
+            (*reads.CORE, reads.SRC + "data/split.py", reads.SRC + "seeding.py"),
         ),
         Step(
             "regions",
@@ -181,7 +150,7 @@ STEPS: dict[str, Step] = {
                 _split_outputs("candidates", "data/03_regions", "regions_summary.json"),
             ),
             ("regions", "model.family", "model.min_pixels", "model.max_pixels"),
-            (*_CORE, _SRC + "data/regions.py", _SRC + "models/families.py", _SRC + "seeding.py"),
+            (*reads.CORE, reads.SRC + "data/regions.py", reads.SRC + "models/families.py", reads.SRC + "seeding.py"),
         ),
         # a swift / llamafactory / yolo export writes images in the model family's frame
         Step(
@@ -201,11 +170,11 @@ STEPS: dict[str, Step] = {
             ),
             ("sft", "model.family", "model.name_or_path", "model.min_pixels", "model.max_pixels"),
             (
-                *_CORE,
-                *(_SRC + f"data/{f}.py" for f in ("exports", "images", "sft", "yolo_export")),
-                _SRC + "models/families.py",
-                _SRC + "data/templates",
-                _SRC + "seeding.py",
+                *reads.CORE,
+                *(reads.SRC + f"data/{f}.py" for f in ("exports", "images", "sft", "yolo_export")),
+                reads.SRC + "models/families.py",
+                reads.SRC + "data/templates",
+                reads.SRC + "seeding.py",
             ),
         ),
         *(_train(n) for n in (1, 2, 3)),
@@ -235,14 +204,14 @@ STEPS: dict[str, Step] = {
                 Option("--split-dir", "--cascade: the split files (boxes of val and test)", default="data/02_split"),
                 *_phases(4),
             ),
-            ("model", "train.output_dir", *_PHASES_ENABLED),
+            ("model", "train.output_dir", *reads.PHASES_ENABLED),
             (
-                *_CORE,
-                *_MODEL_CODE,
-                *(_SRC + f"evaluate/{f}.py" for f in ("metrics", "report", "run", "scoring")),
-                _SRC + "inference/loading.py",
-                *(_SRC + f"train/{f}.py" for f in ("artifacts", "data")),
-                _SRC + "data/templates",
+                *reads.CORE,
+                *reads.MODEL_CODE,
+                *(reads.SRC + f"evaluate/{f}.py" for f in ("metrics", "report", "run", "scoring")),
+                reads.SRC + "inference/loading.py",
+                *(reads.SRC + f"train/{f}.py" for f in ("artifacts", "data")),
+                reads.SRC + "data/templates",
             ),
             fixed={"run": "last"},
             cluster=Cluster("train", gpu=True, cache=False, run_folder=True),
@@ -264,7 +233,7 @@ STEPS: dict[str, Step] = {
                 ),
             ),
             (
-                *_DATA_KEYS,
+                *reads.DATA_KEYS,
                 "detector",
                 "regions.min_box_size",
                 "regions.max_boxes_per_image",
@@ -273,10 +242,10 @@ STEPS: dict[str, Step] = {
                 "train.output_dir",
             ),
             (
-                *_CORE,
-                *(_SRC + f"detector/{f}.py" for f in ("data", "metrics", "model", "runtime", "tracking", "train")),
-                _SRC + "train/data.py",
-                *(_SRC + f"tracking/{f}.py" for f in ("lineage", "mlflow_tracking", "registry")),
+                *reads.CORE,
+                *(reads.SRC + f"detector/{f}.py" for f in ("data", "metrics", "model", "runtime", "tracking", "train")),
+                reads.SRC + "train/data.py",
+                *(reads.SRC + f"tracking/{f}.py" for f in ("lineage", "mlflow_tracking", "registry")),
             ),
             cluster=Cluster(cache=False),
         ),
@@ -314,19 +283,18 @@ STEPS: dict[str, Step] = {
                 ),
                 *_phases(4),
             ),
-            (*_DATA_KEYS, "registry.model_name", "tracking", "train.output_dir", *_PHASES_ENABLED),
+            (*reads.DATA_KEYS, "registry.model_name", "tracking", "train.output_dir", *reads.PHASES_ENABLED),
             (
-                *_CORE,
-                _SRC + "evaluate/run.py",
-                _SRC + "train/artifacts.py",
-                *(_SRC + f"tracking/{f}.py" for f in ("lineage", "mlflow_tracking", "registry")),
+                *reads.CORE,
+                reads.SRC + "evaluate/run.py",
+                reads.SRC + "train/artifacts.py",
+                *(reads.SRC + f"tracking/{f}.py" for f in ("lineage", "mlflow_tracking", "registry")),
             ),
             fixed={"run": "last"},
             cluster=Cluster(cache=False, run_folder=True),
         ),
-        # the registered model used as a line uses it: `--model` in the stage and the task is the
-        # registration record, the exact version `register` wrote (reproducible; `@candidate` may
-        # belong to another pipeline run); its proposals come from this pipeline's detector
+        # the stage's and task's model: the version `register` wrote (`@candidate` may be another
+        # pipeline run's); the proposals: this pipeline's detector
         Step(
             "predict",
             "predict",
@@ -379,14 +347,8 @@ STEPS: dict[str, Step] = {
                 Option("--device", "cpu, cuda, cuda:1 ... (default: cuda when available)"),
                 Option("--quiet", "no progress bar", switch=True),
             ),
-            (
-                "tracking.uri",
-                "detector.confidence",
-                "detector.nms_iou",
-                "detector.threads",
-                "regions.max_boxes_per_image",
-            ),
-            (*_CORE, *_MODEL_CODE, *_INFERENCE_CODE, *_DETECTOR_RUNTIME),
+            ("tracking.uri", *reads.PROPOSAL_KEYS),
+            (*reads.CORE, *reads.MODEL_CODE, *reads.INFERENCE_CODE, *reads.DETECTOR_RUNTIME),
             fixed={"proposals": "detector", "quiet": True},
             cluster=Cluster("train", gpu=True),
         ),
@@ -409,11 +371,10 @@ STEPS: dict[str, Step] = {
                 ),
             ),
             ("tracking.uri",),
-            (*_CORE, *_MODEL_CODE, *_INFERENCE_CODE),
+            (*reads.CORE, *reads.MODEL_CODE, *reads.INFERENCE_CODE),
             cluster=Cluster("train", gpu=True, cache=False),
         ),
-        # cluster only: the InferenceService for the version this run registered, once its export
-        # passed the parity check (registry.require_export_parity); `kubectl apply` it after promote
+        # cluster only: the registered version's InferenceService (applied after `promote`)
         Step(
             "deploy",
             "deploy",
@@ -424,16 +385,13 @@ STEPS: dict[str, Step] = {
                 Input("exported", "export", "exported", option="--export-uri", uri=True),
                 Output("deployment", "deploy", "output folder", artifact="Artifact"),
             ),
+            ("cluster", "model.min_pixels", "model.max_pixels", "registry.require_export_parity", *reads.DEPLOY_KEYS),
             (
-                "cluster",
-                "model.min_pixels",
-                "model.max_pixels",
-                "registry.require_export_parity",
-                "serve.max_boxes",
-                "serve.token_env",
-                "tracking.uri",
+                *reads.CORE,
+                reads.SRC + "serve/deploy.py",
+                reads.SRC + "cluster/images.py",
+                reads.SRC + "tracking/registry.py",
             ),
-            (*_CORE, _SRC + "serve/deploy.py", _SRC + "cluster/images.py", _SRC + "tracking/registry.py"),
             cluster=Cluster(cache=False),
             forms=("kfp",),
         ),

@@ -1,0 +1,39 @@
+"""What the steps of `defectvlm.steps` read: the params keys and source files (their DVC code
+deps) that several steps share. tests/pipeline/test_stage_reads.py checks every step's lists
+against what it really reads."""
+
+SRC = "src/defectvlm/"
+CORE = tuple(SRC + f for f in ("cli.py", "config.py", "io.py", "step_functions.py"))
+DATA_KEYS = ("data.abnormal_root", "data.normal_root")
+LABEL_KEYS = ("labels.format", "labels.coord_format", "labels.label_map")
+SCAN_KEYS = ("ingest.verify", "ingest.image_extensions", "ingest.workers")
+SCAN_CODE = tuple(SRC + f"data/{f}.py" for f in ("images", "ingest", "labels", "pairing"))
+MODEL_CODE = tuple(SRC + f"models/{f}.py" for f in ("attention", "families", "loading", "tiny", "tiny_families"))
+TRAIN_KEYS = tuple(
+    f"train.{key}"
+    for key in (
+        "output_dir", "deepspeed", "seed", "batch_size", "grad_accum", "max_length", "group_by_length",
+        "warmup_ratio", "weight_decay", "max_grad_norm", "gradient_checkpointing", "qlora", "logging_steps",
+        "eval_steps", "save_steps", "save_total_limit", "metric_for_best_model", "greater_is_better", "lora",
+    )
+)  # fmt: skip
+# training picks its best checkpoint with the scoring pass (evaluate/), whose answers use the templates
+TRAIN_CODE = (
+    *CORE,
+    *MODEL_CODE,
+    *(SRC + f"train/{f}.py" for f in ("artifacts", "data", "distributed", "loop", "phases", "validation")),
+    *(SRC + f"evaluate/{f}.py" for f in ("metrics", "scoring")),
+    SRC + "data/sft.py",
+    SRC + "data/templates",
+)
+# the adapter carries the prompt it was trained with (best/prompt.json), built from these
+PROMPT_KEYS = tuple(
+    f"sft.{key}" for key in ("crop_size", "knowledge", "language", "region_encoding", "summary", "templates")
+)
+PHASES_ENABLED = tuple(f"train.phase{n}.enabled" for n in (1, 2, 3))
+INFERENCE_CODE = tuple(SRC + f"inference/{f}.py" for f in ("export", "loading", "predict", "report", "sources"))
+DETECTOR_RUNTIME = tuple(SRC + f"detector/{f}.py" for f in ("loading", "runtime"))
+RAW = ("${data.abnormal_root}", "${data.normal_root}")
+# the detector's proposals (its folder's detector.json may override them)
+PROPOSAL_KEYS = ("detector.confidence", "detector.nms_iou", "detector.threads", "regions.max_boxes_per_image")
+DEPLOY_KEYS = ("serve.max_boxes", "serve.token_env", "tracking.uri")
