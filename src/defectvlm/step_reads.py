@@ -36,4 +36,10 @@ DETECTOR_RUNTIME = tuple(SRC + f"detector/{f}.py" for f in ("loading", "runtime"
 RAW = ("${data.abnormal_root}", "${data.normal_root}")
 # the detector's proposals (its folder's detector.json may override them)
 PROPOSAL_KEYS = ("detector.confidence", "detector.nms_iou", "detector.threads", "regions.max_boxes_per_image")
-DEPLOY_KEYS = ("serve.max_boxes", "serve.token_env", "tracking.uri")
+# an InferenceService: the image, resources and scheduling of `cluster`, the serving settings
+DEPLOY_KEYS = (
+    *(f"cluster.{key}" for key in ("image_registry", "secrets", "service_account", "accelerator_type", "gpus")),
+    *(f"cluster.{key}" for key in ("train_cpu", "train_memory", "node_selector", "tolerations")),
+    *("model.min_pixels", "model.max_pixels", "registry.require_export_parity"),
+    *("serve.max_boxes", "serve.token_env", "tracking.uri"),
+)

@@ -385,7 +385,7 @@ STEPS: dict[str, Step] = {
                 Input("exported", "export", "exported", option="--export-uri", uri=True),
                 Output("deployment", "deploy", "output folder", artifact="Artifact"),
             ),
-            ("cluster", "model.min_pixels", "model.max_pixels", "registry.require_export_parity", *reads.DEPLOY_KEYS),
+            reads.DEPLOY_KEYS,
             (
                 *reads.CORE,
                 reads.SRC + "serve/deploy.py",
