@@ -31,8 +31,23 @@ PROMPT_KEYS = tuple(
     f"sft.{key}" for key in ("crop_size", "knowledge", "language", "region_encoding", "summary", "templates")
 )
 PHASES_ENABLED = tuple(f"train.phase{n}.enabled" for n in (1, 2, 3))
-INFERENCE_CODE = tuple(SRC + f"inference/{f}.py" for f in ("export", "loading", "predict", "report", "sources"))
-DETECTOR_RUNTIME = tuple(SRC + f"detector/{f}.py" for f in ("loading", "runtime"))
+# a registered model scoring images: load_model, the training prompt (sft + templates), the scoring pass
+SCORING_CODE = (
+    *CORE,
+    *MODEL_CODE,
+    *(SRC + f"inference/{f}.py" for f in ("loading", "predict", "sources")),
+    *(SRC + f"train/{f}.py" for f in ("artifacts", "data")),
+    *(SRC + f for f in ("data/sft.py", "data/templates", "evaluate/scoring.py", "seeding.py")),
+)
+PREDICT_CODE = (
+    *SCORING_CODE,
+    *(SRC + f for f in ("inference/report.py", "detector/loading.py", "detector/runtime.py")),
+)
+EXPORT_CODE = (*SCORING_CODE, SRC + "inference/export.py", SRC + "train/phases.py")
+DEPLOY_CODE = tuple(
+    SRC + f
+    for f in ("config.py", "io.py", "step_functions.py", "serve/deploy.py", "cluster/images.py", "tracking/registry.py")
+)
 RAW = ("${data.abnormal_root}", "${data.normal_root}")
 # the detector's proposals (its folder's detector.json may override them)
 PROPOSAL_KEYS = ("detector.confidence", "detector.nms_iou", "detector.threads", "regions.max_boxes_per_image")
