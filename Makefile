@@ -25,16 +25,13 @@ data/raw/demo_summary.json: | $(VENV)/.installed
 	$(BIN)/defectvlm demo-data --out data/raw
 	$(BIN)/dvc add -q data/raw/abnormal_root data/raw/normal_root
 
-# After the pipeline (dvc repro: data -> detector and VLM phases -> evaluate -> register), the
-# registered candidate is used as a line would use it: the cascade report (detector alone vs
-# detector + VLM), predict on the test images with the detector's proposals, and a merged export
-# with its parity check.
+# The pipeline (dvc repro: data -> detector and VLM phases -> evaluate -> register -> predict and
+# export of the registered version: the test images with the detector's proposals, and a merged
+# checkpoint with its parity check), then the cascade report (detector alone vs detector + VLM).
 demo: $(VENV)/.installed data/raw/demo_summary.json
 	$(BIN)/dvc repro
 	$(BIN)/defectvlm evaluate --run last --cascade --out reports
-	$(BIN)/defectvlm predict --model @candidate --images data/02_split/test.jsonl --proposals detector --out reports/predict --quiet
-	$(BIN)/defectvlm export --model @candidate --out exports/candidate
-	@echo "demo done: reports/report.md, reports/cascade/, reports/predict/report.html; @candidate exported to exports/candidate"
+	@echo "demo done: reports/report.md, reports/cascade/, reports/predict/report.html; the registered version exported to exports/candidate"
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest

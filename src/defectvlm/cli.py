@@ -23,7 +23,7 @@ from defectvlm.errors import StepFailure, explain
 from defectvlm.io import write_json_atomic
 from defectvlm.serve.run import add_arguments as add_serve_arguments
 from defectvlm.serve.run import add_deploy_arguments
-from defectvlm.step_types import Option, Output, Step, dest, source
+from defectvlm.step_types import Option, Output, Step, derived, dest, input_path
 from defectvlm.steps import STEPS
 
 console = Console(stderr=True, soft_wrap=True)
@@ -142,10 +142,11 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 def add_step_commands(step, steps: dict[str, Step]) -> None:
     """`defectvlm <command>` for each declared step: options from its inputs, outputs and options."""
-    for declared in {s.command: s for s in steps.values()}.values():
+    for declared in {s.command: s for s in derived(steps, "cli").values()}.values():
         passed = [dest(a) for a in declared.arguments if (not a.sets if isinstance(a, Option) else a.option)]
         overrides = {dest(o): o.sets for o in declared.options if o.sets}
         p = step(declared.command, partial(_run_step, declared.function, passed, overrides), declared.help)
+        groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
         for argument in declared.arguments:
             if isinstance(argument, Option):
                 kwargs = {"action": "store_true"} if argument.switch else {"default": argument.default}
@@ -153,10 +154,22 @@ def add_step_commands(step, steps: dict[str, Step]) -> None:
                     kwargs["choices"] = argument.choices
                 if argument.type:
                     kwargs["type"] = argument.type
-                p.add_argument(argument.flag, help=argument.help, required=argument.required, **kwargs)
+                if argument.group and argument.group not in groups:
+                    groups[argument.group] = p.add_mutually_exclusive_group()
+                where = groups[argument.group] if argument.group else p
+                where.add_argument(argument.flag, help=argument.help, required=argument.required, **kwargs)
+            elif isinstance(argument, Output) and argument.option:
+                default = argument.path if argument.cli == "default" else None
+                required = argument.cli == "required"
+                p.add_argument(
+                    argument.option, dest=dest(argument), default=default, required=required, help=argument.help
+                )
             elif argument.option:
-                default = argument.path if isinstance(argument, Output) else source(argument, steps).path
-                p.add_argument(argument.option, dest=dest(argument), default=default, help=argument.help)
+                default = input_path(argument, steps) if argument.cli == "default" else None
+                required = argument.cli == "required"
+                p.add_argument(
+                    argument.option, dest=dest(argument), default=default, required=required, help=argument.help
+                )
 
 
 def _run_step(function, passed: list[str], overrides: dict[str, str], args: argparse.Namespace) -> int:
@@ -215,9 +228,6 @@ def build_parser(steps: dict[str, Step] = STEPS) -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the comparison as JSON here")
     p.add_argument("--keep", action="store_true", help="keep the worktree even when everything matches")
 
-    from defectvlm.inference.cli import add_commands
-
-    add_commands(step)
     p = step("serve", cmd_serve, "Serve the model over HTTP: inspection API, OpenAI chat, upload page, metrics.")
     add_serve_arguments(p)
     add_deploy_arguments(step("deploy", cmd_deploy, "KServe InferenceService YAML for a registered version."))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import yaml
 
-from defectvlm.step_types import Input, Step, dest, source
+from defectvlm.step_types import Input, Step, derived, dest, input_path, source
 from defectvlm.steps import STEPS
 
 HEADER = """\
@@ -17,7 +17,7 @@ HEADER = """\
 
 def dvc_yaml(steps: dict[str, Step] = STEPS) -> str:
     body = yaml.safe_dump(
-        {"stages": {name: stage(step, steps) for name, step in steps.items()}},
+        {"stages": {name: stage(step, steps) for name, step in derived(steps, "dvc").items()}},
         allow_unicode=True,
         sort_keys=False,
         width=120,
@@ -42,7 +42,7 @@ def stage(step: Step, steps: dict[str, Step]) -> dict:
 
 def declared_paths(step: Step, steps: dict[str, Step]) -> dict[str, str]:
     """The stage's argument values: its fixed options and the declared paths of its inputs and outputs."""
-    paths = {dest(i): source(i, steps).path for i in step.inputs if i.option}
+    paths = {dest(i): input_path(i, steps) for i in step.inputs if i.option}
     return {**step.fixed, **paths, **{dest(o): o.path for o in step.outputs if o.option}}
 
 

@@ -13,7 +13,14 @@ from rich.table import Table
 
 from defectvlm.config import SPLITS, Params
 from defectvlm.errors import StepFailure
-from defectvlm.io import read_jsonl, read_splits, write_json_atomic, write_jsonl_atomic, write_splits
+from defectvlm.io import (
+    read_json_file,
+    read_jsonl,
+    read_splits,
+    write_json_atomic,
+    write_jsonl_atomic,
+    write_splits,
+)
 
 console = Console(stderr=True, soft_wrap=True)
 
@@ -202,4 +209,75 @@ def register(params: Params, run: str, reports: str, input: str, out: str) -> in
         f"registered {best} as {registration.name} v{registration.version} ({where}); "
         f"pipeline run {registration.pipeline_run_id}"
     )
+    return 0
+
+
+def model_uri(params: Params, model: str) -> tuple[str, str | None]:
+    """(model URI, tracking URI) of --model: `@alias` is short for models:/<registry.model_name>@alias,
+    and a registration record (`register`'s registration.json, or the folder holding it) names
+    the exact version it registered; a run or export folder is itself."""
+    record = Path(model) / "registration.json" if Path(model).is_dir() else Path(model)
+    if record.name == "registration.json" and record.is_file():
+        registered = read_json_file(record)
+        if not isinstance(registered, dict) or not {"name", "version"} <= set(registered):
+            raise StepFailure(f"{record}: not a registration record (no name and version): run `defectvlm register`")
+        return f"models:/{registered['name']}/{registered['version']}", params.tracking.uri
+    if model.startswith("@"):
+        return f"models:/{params.registry.model_name}{model}", params.tracking.uri
+    return model, params.tracking.uri if model.startswith("models:/") else None
+
+
+def predict(
+    params: Params,
+    model: str,
+    images: str,
+    out: str,
+    regions: str | None = None,
+    proposals: str | None = None,
+    detector: str | None = None,
+    threshold: float | None = None,
+    batch_size: int = 8,
+    device: str | None = None,
+    quiet: bool = False,
+) -> int:
+    from defectvlm.inference.loading import load_model
+    from defectvlm.inference.predict import predict_images
+    from defectvlm.inference.report import write_predictions
+    from defectvlm.inference.sources import find_images, region_source
+
+    uri, tracking_uri = model_uri(params, model)
+    source = region_source(regions, proposals, detector, params)
+    found = find_images(images)
+    loaded = load_model(uri, device=device, tracking_uri=tracking_uri)
+    threshold = threshold if threshold is not None else loaded.config.threshold
+    if threshold is None:
+        raise StepFailure(f"{model} has no threshold (no inference.json): evaluate it or pass --threshold")
+    records = predict_images(loaded, found, source, threshold, batch_size, sys.stderr.isatty() and not quiet)
+    counts = write_predictions(records, loaded.config.classes, Path(out))
+    console.print(
+        f"{counts['images']} images: {counts['abnormal']} abnormal, {counts['normal']} normal, "
+        f"{counts['unreadable']} unreadable; {out}/predictions.jsonl, predictions.csv, report.html"
+    )
+    return 0
+
+
+def export(params: Params, model: str, out: str) -> int:
+    from defectvlm.inference.export import export as export_model
+
+    uri, tracking_uri = model_uri(params, model)
+    result = export_model(uri, Path(out), tracking_uri=tracking_uri)
+    verdict = "passed" if result["passed"] else "FAILED"
+    console.print(
+        f"exported {uri} to {out}; parity {verdict}: max |dP(abnormal)| = {result['max_abs_diff']:.2e} "
+        f"over {result['regions']} regions (tolerance {result['tolerance']})"
+    )
+    return 0 if result["passed"] else 1
+
+
+def deploy(params: Params, model: str, out: str, export_uri: str | None = None) -> int:
+    from defectvlm.serve.deploy import render
+
+    uri, _ = model_uri(params, model)
+    for path in render(params, uri, Path(out), export_uri):
+        console.print(f"wrote {path}")
     return 0

@@ -30,6 +30,8 @@ class Output:
     cache: bool = True  # DVC caches the path (when it lists no files)
     metadata: str = ""  # a JSON file in it whose scalars become the KFP artifact's metadata; "file:key"
     leave: tuple[str, ...] = ()  # sub-folders that stay on the cluster workspace, not in the KFP artifact
+    result: bool = False  # the KFP pipeline's output (default: the last step's first output)
+    cli: Literal["default", "required"] = "default"  # the CLI option: the path as default, or none (required)
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,11 @@ class Input:
     files: tuple[str, ...] = ()  # the files of it the step reads (none: all of it)
     option: str | None = "--in"  # None: the step finds it through params (`${train.output_dir}/...`)
     help: str | None = None
+    file: str = ""  # the step is given this file of the output (`path/file`), not the folder
+    # the CLI option: "default" (the declared path), "required" (no default; the user names one)
+    # or "optional" (no default: None); the DVC stage and the KFP task always pass the declared path
+    cli: Literal["default", "required", "optional"] = "default"
+    uri: bool = False  # the KFP task is given the artifact's URI (object store), not its local path
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,7 @@ class Option:
     switch: bool = False  # store_true
     required: bool = False
     sets: str = ""  # a params key the option overrides (like -S), instead of a function argument
+    group: str = ""  # options of one group are mutually exclusive on the command line
 
     def __post_init__(self):
         if self.switch:
@@ -91,6 +99,7 @@ class Step:
     deps: tuple[str, ...] = ()  # other DVC deps: raw data roots, config folders
     fixed: dict[str, Any] = field(default_factory=dict)  # option values of the DVC stage and KFP task
     cluster: Cluster = Cluster()
+    forms: tuple[Literal["cli", "dvc", "kfp"], ...] = ("cli", "dvc", "kfp")  # what is derived from it
 
     @property
     def inputs(self) -> tuple[Input, ...]:
@@ -136,3 +145,14 @@ def source(argument: Input, steps: dict[str, Step]) -> Output:
     """The output an input reads."""
     (output,) = (o for o in steps[argument.step].outputs if o.name == argument.output)
     return output
+
+
+def input_path(argument: Input, steps: dict[str, Step]) -> str:
+    """The declared path an input passes: its source's path, or the one file of it it names."""
+    path = source(argument, steps).path
+    return f"{path}/{argument.file}" if argument.file else path
+
+
+def derived(steps: dict[str, Step], form: str) -> dict[str, Step]:
+    """The steps that have a CLI subcommand ("cli"), a DVC stage ("dvc") or a KFP task ("kfp")."""
+    return {name: step for name, step in steps.items() if form in step.forms}

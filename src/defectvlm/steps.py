@@ -11,44 +11,28 @@ step means writing its function and appending its declaration here.
 from __future__ import annotations
 
 from defectvlm import step_functions as run
+from defectvlm import step_reads as reads
 from defectvlm.step_types import Cluster, File, Input, Option, Output, Step
 
-_SRC = "src/defectvlm/"
-_CORE = tuple(_SRC + f for f in ("cli.py", "config", "io.py", "step_functions.py"))
-_DATA_KEYS = ("data.abnormal_root", "data.normal_root")
-_LABEL_KEYS = ("labels.format", "labels.coord_format", "labels.label_map")
-_SCAN_KEYS = ("ingest.verify", "ingest.image_extensions", "ingest.workers")
-_SCAN_CODE = tuple(_SRC + f"data/{f}.py" for f in ("images", "ingest", "labels", "pairing"))
-_MODEL_CODE = tuple(_SRC + f"models/{f}.py" for f in ("attention", "families", "loading", "tiny", "tiny_families"))
-_TRAIN_KEYS = tuple(
-    f"train.{key}"
-    for key in (
-        "output_dir", "deepspeed", "seed", "batch_size", "grad_accum", "max_length", "group_by_length",
-        "warmup_ratio", "weight_decay", "max_grad_norm", "gradient_checkpointing", "qlora", "logging_steps",
-        "eval_steps", "save_steps", "save_total_limit", "metric_for_best_model", "greater_is_better", "lora",
-    )
-)  # fmt: skip
-# training picks its best checkpoint with the scoring pass (evaluate/), whose answers use the templates
-_TRAIN_CODE = (
-    *_CORE,
-    *_MODEL_CODE,
-    *(_SRC + f"train/{f}.py" for f in ("artifacts", "data", "distributed", "loop", "phases", "validation")),
-    *(_SRC + f"evaluate/{f}.py" for f in ("metrics", "scoring")),
-    *(_SRC + f"data/{f}.py" for f in ("images", "sft")),
-    _SRC + "data/templates",
-)
-# the adapter carries the prompt it was trained with (best/prompt.json), built from these
-_PROMPT_KEYS = tuple(
-    f"sft.{key}" for key in ("crop_size", "knowledge", "language", "region_encoding", "summary", "templates")
-)
-_PHASES_ENABLED = tuple(f"train.phase{n}.enabled" for n in (1, 2, 3))
 _SFT_HELP = "folder with native SFT files"
-_RAW = ("${data.abnormal_root}", "${data.normal_root}")
 
 
 def _phases(upto: int) -> tuple[Input, ...]:
     """The trained phases a step reads from train.output_dir (in KFP: their adapter artifacts)."""
     return tuple(Input(f"phase{n}", f"train_phase{n}", "adapter", option=None) for n in range(1, upto))
+
+
+def _registered(option: str) -> Input:
+    """The version `register` wrote (its registration.json); on the command line any model URI."""
+    return Input(
+        "registration",
+        "register",
+        "registration",
+        option=option,
+        help="models:/<name>@<alias>, models:/<name>/<version>, @<alias> (registry.model_name), a registration.json "
+        "(the version `register` wrote), a run or an export folder",
+        cli="required",
+    )
 
 
 def _train(n: int) -> Step:
@@ -74,8 +58,8 @@ def _train(n: int) -> Step:
                 leave=("checkpoints",),
             ),
         ),
-        ("model", *_PROMPT_KEYS, *_TRAIN_KEYS, f"train.phase{n}", *earlier),
-        _TRAIN_CODE,
+        ("model", *reads.PROMPT_KEYS, *reads.TRAIN_KEYS, f"train.phase{n}", *earlier),
+        reads.TRAIN_CODE,
         deps=("configs/deepspeed",),
         fixed={"phase": n},
         cluster=Cluster(
@@ -117,9 +101,9 @@ STEPS: dict[str, Step] = {
                     cache=False,
                 ),
             ),
-            (*_DATA_KEYS, *_LABEL_KEYS, *_SCAN_KEYS),
-            (*_CORE, *_SCAN_CODE, _SRC + "data/label_stats.py"),
-            deps=_RAW,
+            (*reads.DATA_KEYS, *reads.LABEL_KEYS, *reads.SCAN_KEYS),
+            (*reads.CORE, *reads.SCAN_CODE, reads.SRC + "data/label_stats.py"),
+            deps=reads.RAW,
             cluster=Cluster(data_version=True),
         ),
         Step(
@@ -137,9 +121,9 @@ STEPS: dict[str, Step] = {
                 ),
                 Option("--quiet", "no progress bar", switch=True),
             ),
-            (*_DATA_KEYS, "labels", "ingest"),
-            (*_CORE, *_SCAN_CODE, _SRC + "data/found.py", _SRC + "data/records.py"),
-            deps=_RAW,
+            (*reads.DATA_KEYS, "labels", "ingest"),
+            (*reads.CORE, *reads.SCAN_CODE, reads.SRC + "data/found.py", reads.SRC + "data/records.py"),
+            deps=reads.RAW,
             fixed={"quiet": True},
             cluster=Cluster(data_version=True),
         ),
@@ -153,7 +137,7 @@ STEPS: dict[str, Step] = {
                 _split_outputs("splits", "data/02_split", "split_report.json"),
             ),
             ("split",),
-            (*_CORE, _SRC + "data/split.py", _SRC + "seeding.py"),
+            (*reads.CORE, reads.SRC + "data/split.py", reads.SRC + "seeding.py"),
         ),
         Step(
             "regions",
@@ -164,24 +148,8 @@ STEPS: dict[str, Step] = {
                 Input("splits", "split", "splits", _SPLIT_FILES, help="folder with the split files"),
                 _split_outputs("candidates", "data/03_regions", "regions_summary.json"),
             ),
-            # negatives_from: detector | both trains out-of-fold detectors with train_detector's code and
-            # detector.* settings (not output_dir: they write nothing there)
-            (
-                "regions",
-                "model.family",
-                "model.min_pixels",
-                "model.max_pixels",
-                *(f"detector.{k}" for k in ("batch_size", "confidence", "crop_size", "input_size", "lr", "nms_iou")),
-                *(f"detector.{k}" for k in ("seed", "steps", "threads", "width")),
-            ),
-            (
-                *_CORE,
-                *(_SRC + f"data/{f}.py" for f in ("boxes", "regions")),
-                _SRC + "models/families.py",
-                _SRC + "seeding.py",
-                *(_SRC + f"detector/{f}.py" for f in ("data", "model", "out_of_fold", "runtime", "train")),
-                _SRC + "data/images.py",
-            ),
+            ("regions", "model.family", "model.min_pixels", "model.max_pixels", *reads.OUT_OF_FOLD_KEYS),
+            reads.REGIONS_CODE,
         ),
         # a swift / llamafactory / yolo export writes images in the model family's frame
         Step(
@@ -201,11 +169,11 @@ STEPS: dict[str, Step] = {
             ),
             ("sft", "model.family", "model.name_or_path", "model.min_pixels", "model.max_pixels"),
             (
-                *_CORE,
-                *(_SRC + f"data/{f}.py" for f in ("exports", "images", "sft", "yolo_export")),
-                _SRC + "models/families.py",
-                _SRC + "data/templates",
-                _SRC + "seeding.py",
+                *reads.CORE,
+                *(reads.SRC + f"data/{f}.py" for f in ("exports", "images", "sft", "yolo_export")),
+                reads.SRC + "models/families.py",
+                reads.SRC + "data/templates",
+                reads.SRC + "seeding.py",
             ),
         ),
         *(_train(n) for n in (1, 2, 3)),
@@ -235,15 +203,15 @@ STEPS: dict[str, Step] = {
                 Option("--split-dir", "--cascade: the split files (boxes of val and test)", default="data/02_split"),
                 *_phases(4),
             ),
-            ("model", "train.output_dir", *_PHASES_ENABLED),
+            ("model", "train.output_dir", *reads.PHASES_ENABLED),
             (
-                *_CORE,
-                *_MODEL_CODE,
-                *(_SRC + f"evaluate/{f}.py" for f in ("metrics", "report", "run", "scoring")),
-                _SRC + "inference/loading.py",
-                *(_SRC + f"train/{f}.py" for f in ("artifacts", "data")),
-                _SRC + "data/images.py",
-                _SRC + "data/templates",
+                *reads.CORE,
+                *reads.MODEL_CODE,
+                *(reads.SRC + f"evaluate/{f}.py" for f in ("metrics", "report", "run", "scoring")),
+                reads.SRC + "inference/loading.py",
+                *(reads.SRC + f"train/{f}.py" for f in ("artifacts", "data")),
+                reads.SRC + "data/images.py",
+                reads.SRC + "data/templates",
             ),
             fixed={"run": "last"},
             cluster=Cluster("train", gpu=True, cache=False, run_folder=True),
@@ -265,7 +233,7 @@ STEPS: dict[str, Step] = {
                 ),
             ),
             (
-                *_DATA_KEYS,
+                *reads.DATA_KEYS,
                 "detector",
                 "regions.min_box_size",
                 "regions.max_boxes_per_image",
@@ -274,10 +242,10 @@ STEPS: dict[str, Step] = {
                 "train.output_dir",
             ),
             (
-                *_CORE,
-                *(_SRC + f"detector/{f}.py" for f in ("data", "metrics", "model", "runtime", "tracking", "train")),
-                *(_SRC + f"data/{f}.py" for f in ("boxes", "images")),
-                *(_SRC + f"tracking/{f}.py" for f in ("lineage", "mlflow_tracking", "registry")),
+                *reads.CORE,
+                *(reads.SRC + f"detector/{f}.py" for f in ("data", "metrics", "model", "runtime", "tracking", "train")),
+                *(reads.SRC + f"data/{f}.py" for f in ("boxes", "images")),
+                *(reads.SRC + f"tracking/{f}.py" for f in ("lineage", "mlflow_tracking", "registry")),
             ),
             cluster=Cluster(cache=False),
         ),
@@ -311,18 +279,116 @@ STEPS: dict[str, Step] = {
                     artifact="Artifact",
                     cache=False,
                     metadata="registration.json",
+                    result=True,
                 ),
                 *_phases(4),
             ),
-            (*_DATA_KEYS, "registry.model_name", "tracking", "train.output_dir", *_PHASES_ENABLED),
+            (*reads.DATA_KEYS, "registry.model_name", "tracking", "train.output_dir", *reads.PHASES_ENABLED),
             (
-                *_CORE,
-                _SRC + "evaluate/run.py",
-                _SRC + "train/artifacts.py",
-                *(_SRC + f"tracking/{f}.py" for f in ("lineage", "mlflow_tracking", "registry")),
+                *reads.CORE,
+                reads.SRC + "evaluate/run.py",
+                reads.SRC + "train/artifacts.py",
+                *(reads.SRC + f"tracking/{f}.py" for f in ("lineage", "mlflow_tracking", "registry")),
             ),
             fixed={"run": "last"},
             cluster=Cluster(cache=False, run_folder=True),
+        ),
+        # the stage's and task's model: the version `register` wrote (`@candidate` may be another
+        # pipeline run's); the proposals: this pipeline's detector
+        Step(
+            "predict",
+            "predict",
+            run.predict,
+            "Run a model on new images: predictions.jsonl, predictions.csv and report.html. Regions from --regions "
+            "(boxes .jsonl, a folder of YOLO prediction .txt files, or a Label Studio .json export) or "
+            "--proposals detector; without either, a grid of windows the size of the median training defect.",
+            (
+                _registered("--model"),
+                Input(
+                    "images",
+                    "split",
+                    "splits",
+                    ("test.jsonl",),
+                    option="--images",
+                    help="a folder (recursive), a glob, or a manifest (.jsonl or .txt)",
+                    file="test.jsonl",
+                    cli="required",
+                ),
+                Output(
+                    "predictions",
+                    "reports/predict",
+                    "output folder (default: reports/predict)",
+                    (File("predictions.jsonl"), File("predictions.csv"), File("report.html", cache=False)),
+                    artifact="Artifact",
+                ),
+                Option(
+                    "--regions",
+                    "candidate boxes: .jsonl, Label Studio .json, or a YOLO predictions folder",
+                    group="regions",
+                ),
+                Option(
+                    "--proposals",
+                    "detector: the regions are the proposal detector's boxes",
+                    choices=("detector",),
+                    group="regions",
+                ),
+                Input(
+                    "proposal_detector",
+                    "train_detector",
+                    "detector_run",
+                    option="--detector",
+                    help="with --proposals detector: models:/<name>@<alias>, a train-detector folder, or an ONNX "
+                    "file (ours or an Ultralytics YOLO export); default: models:/<registry.model_name>-detector"
+                    "@candidate",
+                    cli="optional",
+                ),
+                Option("--threshold", "override the model's threshold (chosen on val)", type=float),
+                Option("--batch-size", default=8, type=int),
+                Option("--device", "cpu, cuda, cuda:1 ... (default: cuda when available)"),
+                Option("--quiet", "no progress bar", switch=True),
+            ),
+            ("tracking.uri", *reads.PROPOSAL_KEYS),
+            reads.PREDICT_CODE,
+            fixed={"proposals": "detector", "quiet": True},
+            cluster=Cluster("train", gpu=True),
+        ),
+        # a merged checkpoint of the registered version, its parity check tagged on the version
+        Step(
+            "export",
+            "export",
+            run.export,
+            "Merge a model into a plain Hugging Face checkpoint (+ defectvlm.json) and prove it scores like "
+            "base+adapter.",
+            (
+                _registered("--model"),
+                Output(
+                    "exported",
+                    "exports/candidate",
+                    "the export folder",
+                    artifact="Model",
+                    metadata="defectvlm.json:parity",
+                    cli="required",
+                ),
+            ),
+            ("tracking.uri",),
+            reads.EXPORT_CODE,
+            cluster=Cluster("train", gpu=True, cache=False),
+        ),
+        # cluster only: the registered version's InferenceService (applied after `promote`)
+        Step(
+            "deploy",
+            "deploy",
+            run.deploy,
+            "KServe InferenceService YAML for the registered version and its export (vLLM variant).",
+            (
+                _registered("--model"),
+                Input("exported", "export", "exported", option="--export-uri", uri=True),
+                Output("deployment", "deploy", "output folder", artifact="Artifact"),
+            ),
+            reads.DEPLOY_KEYS,
+            reads.DEPLOY_CODE,
+            cluster=Cluster(cache=False),
+            forms=("kfp",),
         ),
     )
 }

@@ -14,6 +14,7 @@ from tests.conftest import REPO
 
 DATA_STEPS = ("scan_labels", "ingest", "split", "regions", "sft")
 TRAIN_STEPS = ("train_phase1", "train_phase2", "train_phase3")
+MODEL_STEPS = ("evaluate", "predict", "export")  # they run a trained model: the training image and its GPU
 
 
 def test_committed_pipeline_is_a_fresh_compile(tmp_path, monkeypatch):
@@ -28,7 +29,7 @@ def test_committed_pipeline_is_a_fresh_compile(tmp_path, monkeypatch):
 def test_training_and_evaluation_request_a_gpu_memory_and_shared_memory(compiled):
     spec, k8s = compiled
     tasks = tasks_by_step(spec)
-    for step in (*TRAIN_STEPS, "evaluate"):
+    for step in (*TRAIN_STEPS, *MODEL_STEPS):
         label = executor_label(spec, tasks[step])
         resources = spec["deploymentSpec"]["executors"][label]["container"]["resources"]
         assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
@@ -38,7 +39,7 @@ def test_training_and_evaluation_request_a_gpu_memory_and_shared_memory(compiled
             {"medium": "Memory", "mountPath": "/dev/shm", "sizeLimit": "16Gi", "volumeName": "dshm"}
         ]
         assert k8s[label]["tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
-    for step in (*DATA_STEPS, "register"):
+    for step in (*DATA_STEPS, "register", "deploy"):
         label = executor_label(spec, tasks[step])
         assert "resources" not in spec["deploymentSpec"]["executors"][label]["container"], step
 
@@ -58,11 +59,12 @@ def test_every_step_gets_the_secrets_and_the_workspace_volume(compiled):
 def test_io_steps_retry_and_mlflow_steps_are_never_served_from_cache(compiled):
     spec, _ = compiled
     tasks = tasks_by_step(spec)
-    for step in (*DATA_STEPS, "evaluate", "register"):
+    for step in (*DATA_STEPS, *MODEL_STEPS, "register", "deploy"):
         assert tasks[step]["retryPolicy"]["maxRetryCount"] == 2, step
     for step in TRAIN_STEPS:
         assert "retryPolicy" not in tasks[step], step  # a failed GPU run is not retried blindly
-    assert not tasks["evaluate"]["cachingOptions"] and not tasks["register"]["cachingOptions"]
+    for step in ("evaluate", "register", "export", "deploy"):  # they write to (or read tags of) the registry
+        assert not tasks[step]["cachingOptions"], step
     # the data steps are cached by the data version they are given
     for step in ("scan_labels", "ingest"):
         assert tasks[step]["cachingOptions"] == {"enableCache": True}
@@ -72,7 +74,7 @@ def test_io_steps_retry_and_mlflow_steps_are_never_served_from_cache(compiled):
 def test_steps_run_in_the_project_images(compiled):
     spec, _ = compiled
     for step, task in tasks_by_step(spec).items():
-        kind = "train" if step in (*TRAIN_STEPS, "evaluate") else "data"
+        kind = "train" if step in (*TRAIN_STEPS, *MODEL_STEPS) else "data"
         container = spec["deploymentSpec"]["executors"][executor_label(spec, task)]["container"]
         assert container["image"] == image(kind), step
         assert "pip install" not in " ".join(container["command"]), step  # nothing installed at run time

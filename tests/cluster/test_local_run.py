@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import yaml
 
 from defectvlm.data.demo import generate_demo
+from defectvlm.io import read_jsonl
 from tests.conftest import REPO, read_json, run_cli, write_params
 
 pytestmark = pytest.mark.slow
@@ -49,6 +53,22 @@ def test_local_pipeline_run_prepares_the_same_data_as_the_cli_trains_evaluates_a
     assert str(candidate.version) == str(registration["version"]) and candidate.run_id == registration["run_id"]
     metrics = read_json(outputs / "evaluate" / "reports" / "metrics.json")
     assert metrics["split"] == "test" and metrics["run"].endswith("phase3")
+
+    # then the registered version predicts the test images, is exported (parity tagged on it) and
+    # its InferenceServices are rendered, the vLLM one on the export artifact
+    predicted = read_jsonl(outputs / "predict" / "predictions" / "predictions.jsonl")
+    test_split = read_jsonl(outputs / "split" / "splits" / "test.jsonl")
+    assert len(predicted) == len(test_split) and {r["verdict"] for r in predicted} <= {"abnormal", "normal"}
+    assert {str(r["model"]["version"]) for r in predicted} == {str(registration["version"])}
+    assert read_json(outputs / "export" / "exported" / "defectvlm.json")["parity"]["passed"]
+    tagged = client.get_model_version("kfp-local-adapter", registration["version"]).tags["export.parity"]
+    assert json.loads(tagged)["passed"]
+    deployment = outputs / "deploy" / "deployment"
+    service = yaml.safe_load((deployment / "inferenceservice.yaml").read_text(encoding="utf-8"))
+    model = f"models:/kfp-local-adapter/{registration['version']}"
+    assert service["spec"]["predictor"]["containers"][0]["args"][:2] == ["--model", model]
+    vllm = yaml.safe_load((deployment / "inferenceservice-vllm.yaml").read_text(encoding="utf-8"))
+    assert vllm["spec"]["predictor"]["model"]["storageUri"].endswith("export/exported")
 
     # the components ran the CLI's steps with the same parameters: the same files come out
     cli = tmp_path / "cli"

@@ -274,14 +274,31 @@ def test_serve_sends_the_model_the_prompts_predict_sends_and_answers_the_same_re
 
 
 def test_an_alias_alone_names_the_registered_model_of_the_params(tmp_path):
-    import argparse
-
-    from defectvlm.inference.cli import _model
+    from defectvlm.config import load_params
+    from defectvlm.step_functions import model_uri
 
     (tmp_path / "params.yaml").write_text(
         f"registry:\n  model_name: weld-line-3\ntracking:\n  uri: sqlite:///{tmp_path}/m.db\n", encoding="utf-8"
     )
-    args = argparse.Namespace(model="@champion", params=str(tmp_path / "params.yaml"))
-    assert _model(args) == ("models:/weld-line-3@champion", f"sqlite:///{tmp_path}/m.db")
-    args.model = "runs/phase3"
-    assert _model(args) == ("runs/phase3", None)
+    params = load_params(tmp_path / "params.yaml")
+    assert model_uri(params, "@champion") == ("models:/weld-line-3@champion", f"sqlite:///{tmp_path}/m.db")
+    assert model_uri(params, "runs/phase3") == ("runs/phase3", None)
+
+
+def test_a_registration_record_names_the_version_it_registered(tmp_path, capsys):
+    """What the DVC stages and KFP tasks pass: register's registration.json (or its folder)."""
+    from defectvlm.config import load_params
+    from defectvlm.step_functions import model_uri
+
+    (tmp_path / "params.yaml").write_text(f"tracking:\n  uri: sqlite:///{tmp_path}/m.db\n", encoding="utf-8")
+    params = load_params(tmp_path / "params.yaml")
+    record = tmp_path / "reports" / "registration.json"
+    record.parent.mkdir()
+    record.write_text(json.dumps({"name": "weld", "version": "7", "alias": None}), encoding="utf-8")
+    expected = ("models:/weld/7", f"sqlite:///{tmp_path}/m.db")
+    assert model_uri(params, str(record)) == expected
+    assert model_uri(params, str(record.parent)) == expected  # a KFP artifact is its folder
+    record.write_text("{}", encoding="utf-8")
+    images = tmp_path / "none"
+    assert predict(tmp_path / "o", record, "--images", images, "--params", tmp_path / "params.yaml") == 1
+    assert f"{record}: not a registration record" in capsys.readouterr().err

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from defectvlm.data.demo import generate_demo
+from defectvlm.io import read_jsonl
 from tests.conftest import REPO, read_json, write_params
 
 FAST_TRAIN = {
@@ -88,6 +89,17 @@ def test_repro_registers_then_skips_promotes_reproduces_and_reruns_only_what_a_p
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     candidate = client.get_model_version_by_alias("defectvlm-adapter", "candidate")
     assert candidate.version == registration["version"]
+
+    # then predict and export ran on that version: the test images, and a merged checkpoint whose
+    # parity check is tagged on it
+    assert ran.index("register") < ran.index("predict") and ran.index("register") < ran.index("export")
+    predicted = read_jsonl(repo / "reports" / "predict" / "predictions.jsonl")
+    test_images = {Path(record["path"]).name for record in read_jsonl(repo / "data" / "02_split" / "test.jsonl")}
+    assert {Path(record["image"]).name for record in predicted} == test_images
+    assert {str(record["model"]["version"]) for record in predicted} == {str(registration["version"])}
+    exported = read_json(repo / "exports" / "candidate" / "defectvlm.json")
+    assert exported["registry"] == {"name": "defectvlm-adapter", "version": registration["version"]}
+    assert json.loads(candidate.tags["export.parity"])["passed"] is True
     head = _ok(["git", "rev-parse", "HEAD"], repo).stdout.strip()
     assert candidate.tags["git.commit"] == head and candidate.tags["git.dirty"] == "false"
     lock = yaml.safe_load((repo / "dvc.lock").read_text(encoding="utf-8"))
@@ -123,6 +135,7 @@ def test_repro_registers_then_skips_promotes_reproduces_and_reruns_only_what_a_p
     params["train"]["phase3"]["lr_vision"] = 2.0e-5
     (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
     changed = _ok(["dvc", "repro"], repo)
-    assert _ran(changed) == ["train_phase3", "evaluate", "register"]  # only the changed phase and what follows
+    ran = _ran(changed)  # only the changed phase and what follows
+    assert ran[:3] == ["train_phase3", "evaluate", "register"] and sorted(ran[3:]) == ["export", "predict"]
     assert client.get_model_version_by_alias("defectvlm-adapter", "candidate").version != candidate.version
     assert client.get_model_version_by_alias("defectvlm-adapter", "champion").version == candidate.version

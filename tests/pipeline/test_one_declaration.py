@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import yaml
 
 from defectvlm.cli import build_parser
@@ -90,3 +91,27 @@ def test_the_toy_step_is_a_kfp_task_after_ingest_that_calls_its_function(tmp_pat
     run_task("count", {"split": {"seed": 7.0}, "ingested": ingested, "counts": counts, "metrics": metrics}, TABLE)
     assert json.loads((tmp_path / "counts" / "counts.json").read_text()) == {"abnormal": 4, "seed": 7}
     assert logged == {"abnormal": 4, "seed": 7}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["predict", "--images", "x"], "the following arguments are required: --model"),  # a required input
+        (["export", "--model", "@candidate"], "the following arguments are required: --out"),  # a required output
+        (
+            ["predict", "--model", "m", "--images", "x", "--regions", "b.jsonl", "--proposals", "detector"],
+            "argument --proposals: not allowed with argument --regions",  # one group: exclusive
+        ),
+    ],
+)
+def test_declared_cli_rules_are_the_parsers(argv, message, capsys):
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(argv)
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_optional_input_has_no_default_and_a_file_input_names_its_file():
+    args = build_parser().parse_args(["predict", "--model", "m", "--images", "x"])
+    assert args.detector is None and args.proposals is None  # the stage passes them; a user need not
+    stage = yaml.safe_load(dvc_yaml())["stages"]["predict"]
+    assert "--images data/02_split/test.jsonl" in stage["cmd"] and "--model reports/registration.json" in stage["cmd"]

@@ -23,7 +23,8 @@ import yaml
 from defectvlm.cli import build_parser
 from defectvlm.config import field_docs, load_params, params_to_dict
 from defectvlm.data.demo import generate_demo
-from defectvlm.dvc_stages import dvc_yaml
+from defectvlm.dvc_stages import declared_paths, dvc_yaml
+from defectvlm.step_types import derived, dest
 from defectvlm.steps import STEPS
 from tests.conftest import REPO, write_params
 from tests.pipeline.recorder import recording
@@ -31,6 +32,7 @@ from tests.pipeline.recorder import recording
 DVC_TEXT = (REPO / "dvc.yaml").read_text(encoding="utf-8")
 DVC = yaml.safe_load(DVC_TEXT)["stages"]
 KEYS = [key for key, _, _ in field_docs()]
+STAGES = derived(STEPS, "dvc")  # the steps with a DVC stage (deploy is the cluster's only)
 SOURCES = sorted(
     str(p.relative_to(REPO)) for p in (REPO / "src").rglob("*") if p.is_file() and "__pycache__" not in p.parts
 )
@@ -54,9 +56,11 @@ CONDITIONAL = {
         "model.max_pixels",
     },
     "train_phase3": {"train.phase1.enabled"},  # phase 2 disabled: phase 3 starts from phase 1
+    # the recorded run's two-step detector proposes no region above its confidence: nothing is scored
+    "predict": {"src/defectvlm/data/sft.py", "src/defectvlm/evaluate/scoring.py", "src/defectvlm/seeding.py"},
 }
 # a model.family other than qwen2_5_vl builds its tiny model there
-for _step in ("train_phase1", "train_phase2", "train_phase3", "evaluate"):
+for _step in ("train_phase1", "train_phase2", "train_phase3", "evaluate", "predict", "export"):
     CONDITIONAL.setdefault(_step, set()).add("src/defectvlm/models/tiny_families.py")
 RECORD_STEPS = {"register", "train_detector"}  # their output is an MLflow record: the tracking code is part of the step
 
@@ -87,15 +91,23 @@ def recorded(tmp_path_factory):
     detector = {"steps": 2, "input_size": 64, "crop_size": 32, "width": 4, "threads": 1}
     overrides = {"train": fast, "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}"}, "detector": detector}
     overrides["regions"] = {"negatives_from": "both", "negatives_folds": 2}  # the out-of-fold detectors' reads
+    overrides["registry"] = {"require_export_parity": True}  # deploy checks the export's parity tag
     write_params(root / "params.yaml", overrides)
+    values = params_to_dict(load_params(root / "params.yaml"))
     reads = {}
     previous = Path.cwd()
     os.chdir(root)
     try:
         for name, stage in DVC.items():
-            args = build_parser().parse_args(shlex.split(stage["cmd"])[1:])
+            args = build_parser().parse_args(shlex.split(_interpolate(stage["cmd"], values))[1:])
             with recording(records=name in RECORD_STEPS) as reads[name]:
                 assert args.func(args) == 0, name
+        for name, step in STEPS.items():  # a cluster-only step: its function on the declared paths
+            if name not in DVC:
+                options = {dest(o): step.fixed.get(dest(o), o.default) for o in step.options if not o.sets}
+                paths = {key: _interpolate(str(path), values) for key, path in declared_paths(step, STEPS).items()}
+                with recording(records=name in RECORD_STEPS) as reads[name]:
+                    assert step.function(load_params("params.yaml"), **options, **paths) == 0, name
     finally:
         os.chdir(previous)
     return reads
@@ -203,7 +215,7 @@ def test_changing_any_params_key_changes_exactly_the_stages_that_read_it(locked)
     reported = _reported(json.loads(_dvc(["status", "--json"], locked)))
     for key in KEYS:
         changed = {stage for stage, (keys, _) in reported.items() if covers(keys, key)}
-        readers = {name for name, step in STEPS.items() if covers(step.params, key)}
+        readers = {name for name, step in STAGES.items() if covers(step.params, key)}
         assert changed == readers, f"{key}: dvc status reports {sorted(changed)}, read by {sorted(readers)}"
 
 
@@ -214,5 +226,5 @@ def test_changing_any_source_file_changes_exactly_the_stages_that_run_it(locked)
     reported = _reported(json.loads(_dvc(["status", "--json"], locked)))
     for path in SOURCES:
         changed = {stage for stage, (_, paths) in reported.items() if covers(paths, path)}
-        runners = {name for name, step in STEPS.items() if covers(step.code, path)}
+        runners = {name for name, step in STAGES.items() if covers(step.code, path)}
         assert changed == runners, f"{path}: dvc status reports {sorted(changed)}, run by {sorted(runners)}"

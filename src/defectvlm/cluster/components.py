@@ -12,7 +12,7 @@ from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Input, Metrics, Model, Output
 
 from defectvlm.cluster.images import image
-from defectvlm.step_types import Step, source
+from defectvlm.step_types import Step, derived, source
 from defectvlm.steps import STEPS
 
 _TYPES = {
@@ -60,5 +60,5 @@ def component(step: Step, steps: dict[str, Step] = STEPS):
 
 
 def components(steps: dict[str, Step] = STEPS) -> dict:
-    """Every step's component, by step name."""
-    return {name: component(step, steps) for name, step in steps.items()}
+    """Every step's component (of the steps in the KFP pipeline), by step name."""
+    return {name: component(step, steps) for name, step in derived(steps, "kfp").items()}

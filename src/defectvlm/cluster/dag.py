@@ -18,7 +18,7 @@ from kfp import dsl, kubernetes
 from defectvlm.cluster.components import component
 from defectvlm.cluster.images import image
 from defectvlm.config import ClusterParams, Params, field_docs, params_to_dict
-from defectvlm.step_types import Step
+from defectvlm.step_types import Step, derived
 from defectvlm.steps import STEPS
 
 NAME = "defectvlm-finetune"
@@ -28,17 +28,20 @@ RUNTIME_SECTIONS = tuple(name for name in Params.model_fields if name != "cluste
 
 def build(params: Params, steps: dict[str, Step] = STEPS):
     """The pipeline, with params' sections as parameter defaults and params.cluster applied.
-    It returns the last step's first output."""
+    It returns the output declared `result` (none: the last step's first output)."""
     values = params_to_dict(params)
     defaults = {name: values[name] for name in RUNTIME_SECTIONS}
+    steps = derived(steps, "kfp")
     factories = {name: component(step, steps) for name, step in steps.items()}
     last = list(steps.values())[-1]
+    result = next(((s, o) for s in steps.values() for o in s.outputs if o.result), (last, last.outputs[0]))
 
     def finetune(*args):
         p = dict(zip([*defaults, "data_version", "lineage"], args, strict=True))
         tasks = {}
         for name, step in steps.items():
-            arguments = {section: p[section] for section in step.sections}
+            # `cluster` is no pipeline parameter: a step that reads it gets the compiled-in section
+            arguments = {section: p.get(section, values[section]) for section in step.sections}
             if step.cluster.data_version or step.cluster.run_folder:
                 arguments["data_version"] = p["data_version"]
             if step.cluster.run_folder:
@@ -51,7 +54,7 @@ def build(params: Params, steps: dict[str, Step] = STEPS):
                 arguments[needed.name] = tasks[needed.step].outputs[needed.output]
             tasks[name] = factories[name](**arguments)
             _configure(tasks[name], step, params)
-        return tasks[last.name].outputs[last.outputs[0].name]
+        return tasks[result[0].name].outputs[result[1].name]
 
     docs = {key: doc for key, doc, _ in field_docs(Params) if "." not in key}
     finetune.__doc__ = (
@@ -69,7 +72,7 @@ def build(params: Params, steps: dict[str, Step] = STEPS):
             inspect.Parameter("data_version", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="", annotation=str),
             inspect.Parameter("lineage", inspect.Parameter.POSITIONAL_OR_KEYWORD, default={}, annotation=dict),
         ],
-        return_annotation=getattr(dsl, last.outputs[0].artifact),
+        return_annotation=getattr(dsl, result[1].artifact),
     )
     return dsl.pipeline(name=NAME)(finetune)
 

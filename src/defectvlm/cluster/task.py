@@ -38,11 +38,13 @@ def run_task(name: str, values: dict, steps: dict[str, Step] = STEPS) -> None:
             place = Path(_interpolate(source(needed, steps).path, params))
             if not place.exists():
                 shutil.copytree(artifact, place)
+        elif needed.uri:
+            arguments[dest(needed)] = values[needed.name].uri
         elif step.cluster.launcher:  # trainer pods see the workspace, not this pod's artifacts
             shutil.copytree(artifact, root / needed.step, dirs_exist_ok=True)
-            arguments[dest(needed)] = str(root / needed.step)
+            arguments[dest(needed)] = str(root / needed.step / needed.file)
         else:
-            arguments[dest(needed)] = artifact
+            arguments[dest(needed)] = str(Path(artifact) / needed.file) if needed.file else artifact
     for output in step.outputs:
         if output.option:
             folder = Path(values[output.name].path)

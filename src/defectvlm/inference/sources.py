@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from defectvlm.config import ConfigError, IngestParams
+from defectvlm.config import ConfigError, IngestParams, Params
 from defectvlm.data.labels import LabelError, cxcywh_to_xyxy, image_name, parse_labelstudio
 from defectvlm.errors import StepFailure
 
@@ -98,21 +98,19 @@ def region_source(
     regions: str | None,
     proposals: str | None,
     detector: str | None = None,
-    params_file: str | None = None,
+    params: Params | None = None,
 ) -> RegionSource | DetectorSource | None:
     """The source named by --regions or --proposals (None: the default grid). `--proposals detector`
     runs `detector` (a registry URI, a train-detector folder or an ONNX file; default: the
-    registered `<registry.model_name>-detector@candidate`) with the settings of `params_file`."""
+    registered `<registry.model_name>-detector@candidate`) with the settings of `params`."""
     if detector and proposals != "detector":
         raise ConfigError("--detector goes with --proposals detector")
     if proposals:
         if proposals != "detector":
             raise ConfigError(f"--proposals {proposals}: unknown source (known: {', '.join(PROPOSAL_SOURCES)})")
-        from defectvlm.config import Params, load_params
         from defectvlm.detector.loading import open_detector
 
-        params = load_params(params_file) if params_file and Path(params_file).exists() else Params()
-        return DetectorSource(open_detector(detector, params))
+        return DetectorSource(open_detector(detector, params or Params()))
     if not regions:
         return None
     path = Path(regions)

@@ -41,6 +41,28 @@ def resolve_version(uri: str, tracking_uri: str) -> tuple[str, str]:
         raise StepFailure(f"--model {uri}: not in the registry at {tracking_uri} ({exc.message})") from None
 
 
+def refuse_without_parity(params: Params, name: str, version: str) -> None:
+    """Under registry.require_export_parity, a version whose export's parity check is missing or
+    failed is not deployed (the gate `promote` applies)."""
+    if not params.registry.require_export_parity:
+        return
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from defectvlm.tracking.registry import parity_failure
+
+    client = mlflow.MlflowClient(tracking_uri=params.tracking.uri, registry_uri=params.tracking.uri)
+    try:
+        registered = client.get_model_version(name, version)
+    except MlflowException as exc:
+        raise StepFailure(
+            f"models:/{name}/{version}: not in the registry at {params.tracking.uri} ({exc.message})"
+        ) from None
+    problem = parity_failure(params, registered)
+    if problem:
+        raise StepFailure(f"models:/{name}/{version} is not deployed: {problem}")
+
+
 def resource_name(name: str, version: str) -> str:
     """A DNS-1035 label (what KServe requires of an InferenceService name)."""
     label = re.sub(r"[^a-z0-9-]+", "-", f"{name}-v{version}".lower()).strip("-")
@@ -134,6 +156,7 @@ def render(params: Params, model_uri: str, out: Path, export_uri: str | None = N
     from defectvlm.cluster.images import image
 
     name, version = resolve_version(model_uri, params.tracking.uri)
+    refuse_without_parity(params, name, version)
     documents = {
         "inferenceservice.yaml": defectvlm_service(params, name, version, image("train", params.cluster.image_registry))
     }

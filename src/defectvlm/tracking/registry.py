@@ -275,20 +275,28 @@ def set_alias(client, name: str, alias: str, version: str, attempts: int = 5) ->
             time.sleep(0.2 * (attempt + 1))
 
 
+def parity_failure(params: Params, version) -> str | None:
+    """Why `version` (an MLflow ModelVersion) may not be promoted or deployed under
+    registry.require_export_parity: its export's parity check is missing or failed; None: it may."""
+    if not params.registry.require_export_parity:
+        return None
+    parity = json.loads(version.tags.get(PARITY_TAG, "null"))
+    if parity is None:
+        return (
+            f"no export parity check recorded (run `defectvlm export --model models:/{version.name}/"
+            f"{version.version}`; registry.require_export_parity)"
+        )
+    if not parity.get("passed"):
+        return (
+            f"its export failed the parity check (max |dP| {parity.get('max_abs_diff')} > "
+            f"{parity.get('tolerance')}; registry.require_export_parity)"
+        )
+    return None
+
+
 def _gate_failures(params: Params, version) -> list[str]:
-    failures = []
-    if params.registry.require_export_parity:
-        parity = json.loads(version.tags.get(PARITY_TAG, "null"))
-        if parity is None:
-            failures.append(
-                f"no export parity check recorded (run `defectvlm export --model models:/{version.name}/"
-                f"{version.version}`; registry.require_export_parity)"
-            )
-        elif not parity.get("passed"):
-            failures.append(
-                f"its export failed the parity check (max |dP| {parity.get('max_abs_diff')} > "
-                f"{parity.get('tolerance')}; registry.require_export_parity)"
-            )
+    parity = parity_failure(params, version)
+    failures = [parity] if parity else []
     for key, minimum in sorted(params.registry.gates.items()):
         value = version.tags.get(f"{METRIC_TAG}test.{key}")
         if value is None:
