@@ -162,8 +162,10 @@ class ModelParams:
     name_or_path: str = param(
         "tiny", "'tiny' (offline test model), 'tiny-random' (any family, random weights), a local path, or a hub id."
     )
-    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = param(
-        "auto", "Attention kernel; auto: flash_attention_2 on CUDA when flash-attn is installed, else sdpa."
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "varlen_vision", "eager"] = param(
+        "auto",
+        "Attention kernel; auto: flash_attention_2 on CUDA when flash-attn is installed, else varlen_vision "
+        "(torch varlen flash attention in a Qwen vision tower, sdpa in the LM) on CUDA, else sdpa.",
     )
     min_pixels: int = param(56 * 56, "Smallest image area (pixels) after the processor's resize.")
     max_pixels: int = param(448 * 448, "Largest image area (pixels) after the processor's resize.")
