@@ -170,3 +170,28 @@ def build_tiny_family(name: str, min_pixels: int, max_pixels: int, attn_implemen
         torch.random.set_rng_state(generator_state)
     model.eval()
     return model, processor
+
+
+def published_random(name: str, min_pixels: int, max_pixels: int):
+    """(config, processor): the family's published 7B/8B architecture (`defectvlm.models.sizes`)
+    with the tiny tokenizer's special-token ids, and the tiny processor: what a checkpoint of
+    the real size looks like at random weights (the GPU benchmark writes one and trains it)."""
+    from defectvlm.models.sizes import PUBLISHED
+
+    family = get_family(name)
+    if name == "qwen2_5_vl":
+        from defectvlm.models.tiny import build_processor, tiny_config
+
+        processor = build_processor(min_pixels, max_pixels)
+        tiny = tiny_config(processor.tokenizer)
+    else:
+        tiny, processor = _BUILDERS[name](build_tokenizer(), family, family.processor_kwargs(min_pixels, max_pixels))
+        processor.tokenizer.chat_template = processor.chat_template
+    config = getattr(transformers, family.model_class).config_class(**PUBLISHED[name][1])
+    for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        if hasattr(tiny, key):
+            setattr(config, key, getattr(tiny, key))
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(config.text_config, key, getattr(tiny.text_config, key))
+    config.use_cache = config.text_config.use_cache = False
+    return config, processor
