@@ -1,321 +1,275 @@
-"""Phase-1 training throughput on one GPU: the Qwen2.5-VL-7B architecture, random bf16 weights.
+"""Phase-1 training throughput of the recipe itself: `defectvlm train` on generated JPEG files,
+a family's published 7B/8B architecture at random bf16 weights, one GPU.
 
-    python benchmarks/bench_train_gpu.py [--batch-size 4] [--steps 10] [--warmup 3] [--grad-ckpt]
-        [--lora-dropout 0.05] [--vision-attn sdpa|varlen] [--vision-no-grad] [--json result.json]
+    python benchmarks/bench_train_gpu.py [--family qwen2_5_vl] [--batch-size 2] [--steps 10]
+        [--warmup 3] [--grad-ckpt] [--attn auto] [--images 96] [--work /tmp/bench_train_gpu]
+        [--arch published|tiny] [--json result.json]
 
-Each sample is one 1344x1024 image (1024 px short side; Qwen2.5-VL's resize gives a 74x96
-patch grid, 1776 image tokens) and 300 text tokens, the last 40 of them the supervised answer,
-as in the SFT data. The model is set up as `defectvlm train --phase 1` sets it up: apply_phase,
-param_groups, torch AdamW, DeepSpeed ZeRO-2 from configs/deepspeed/zero2.json, and each step is
-engine(**batch).loss, engine.backward, engine.step. Goal (issue): MFU >= 40% on one H100.
+What runs, all through the project's public entry points:
+1. `defectvlm demo-data` writes JPEG images (640-1600 x 600-1200 px, EXIF orientations) and
+   `ingest`, `split`, `regions`, `build-sft` prepare them at the 1024 px budget
+   (`model.max_pixels` = 1344 x 1024; the family's own resize or tiling);
+2. a checkpoint folder: the published architecture (`defectvlm.models.tiny_families.published_random`,
+   sizes from `defectvlm.models.sizes`) at random bf16 weights with the tiny tokenizer and the
+   family's processor, saved with `save_pretrained` and loaded back by the recipe's
+   `from_pretrained` like any local checkpoint (`model.name_or_path` = that folder);
+3. `defectvlm train --phase 1` under torchrun, twice: `warmup` steps and `warmup + steps` steps.
+   Step time = the difference of the two runs' `train_seconds` (metrics.json) over `steps`:
+   model loading, DeepSpeed setup, warm-up steps and the end-of-phase evaluation cancel out;
+   tokens likewise (metrics.json `tokens.real`). Nothing here reads the loop's internals.
+4. The data alone: the recipe's dataset and collator (`train.data`) in a torch DataLoader with
+   `--data-workers` processes over the same number of samples, so "data never the bottleneck"
+   is data samples/s against training samples/s.
 
-FLOPs per step (gradient-checkpointing recompute is never counted):
-- forward: 2 x (matrix-shaped weights) x (tokens they see) for every linear layer, LoRA
-  included, + attention 4 x S^2 x width per layer and sequence (the full square, not halved
-  for causal masks; the vision tower's windowed layers count their windows);
-- model FLOPs, "6N-style" (what papers report): 3 x the forward of everything;
-- hardware-useful FLOPs: the frozen vision tower forward only (it sits before the trainable
-  projector); projector forward + weight gradients; language model forward + activation
-  gradients (LoRA is in every layer, so they flow through all of it, lm_head included) + LoRA
-  weight gradients; attention backward = 2 x its forward.
-MFU = FLOPs / step time / 989 TFLOP/s (H100 SXM dense bf16).
-
-Knobs beyond the recipe: --vision-attn varlen runs each vision layer's attention windows in one
-torch varlen flash-attention call (transformers' sdpa path makes one call per 8x8-patch window);
---vision-no-grad drops the requires-grad hook that gradient_checkpointing_enable (through
-enable_input_require_grads) also puts on the frozen vision tower's patch embedding, which
-otherwise makes the whole tower back-propagate (and recompute) for nothing.
+MFU (the issue's 6N count): 6 x (matrix-shaped parameters of the language model, lm_head and
+LoRA included) x LM tokens + 6 x (vision tower matrix parameters) x vision patches, attention
+not counted, / step time / the GPU's dense bf16 peak (989 TFLOP/s for H100/H200 SXM; others:
+--peak-tflops). Patches per LM token come from the prepared training set (image tokens x
+merge_size^2). `--arch tiny` runs the same chain with the tiny instance (a CPU smoke run; no MFU).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import os
+import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-PEAK_FLOPS = 989e12
-IMAGE_WIDTH, IMAGE_HEIGHT = 1344, 1024
-TEXT_TOKENS, ANSWER_TOKENS, PROMPT_PREFIX = 300, 40, 20
-FIRST_SPECIAL_ID = 151643  # Qwen2's special tokens start here; random text stays below
-
-# Published Qwen2.5-VL-7B-Instruct sizes.
-TEXT_7B = {
-    "vocab_size": 152064,
-    "hidden_size": 3584,
-    "intermediate_size": 18944,
-    "num_hidden_layers": 28,
-    "num_attention_heads": 28,
-    "num_key_value_heads": 4,
-    "max_position_embeddings": 128000,
-    "rms_norm_eps": 1e-6,
-    "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
-}
-VISION_7B = {
-    "depth": 32,
-    "hidden_size": 1280,
-    "intermediate_size": 3420,
-    "num_heads": 16,
-    "out_hidden_size": 3584,
-    "patch_size": 14,
-    "spatial_merge_size": 2,
-    "temporal_patch_size": 2,
-    "window_size": 112,
-    "fullatt_block_indexes": [7, 15, 23, 31],
-    "tokens_per_second": 2,
-}
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12}
+MIN_PIXELS, MAX_PIXELS = 56 * 56, 1344 * 1024
 
 
-@dataclass(frozen=True)
-class Shape:
-    """One sample's geometry: the image's patch grid and the LM sequence."""
+def cli(*args) -> None:
+    from defectvlm.cli import main
 
-    grid_h: int
-    grid_w: int
-    merge: int
-    text_tokens: int
-
-    @property
-    def patches(self) -> int:
-        return self.grid_h * self.grid_w
-
-    @property
-    def image_tokens(self) -> int:
-        return self.patches // self.merge**2
-
-    @property
-    def seq_len(self) -> int:
-        return self.image_tokens + self.text_tokens
+    code = main([str(a) for a in args])
+    if code != 0:
+        sys.exit(f"bench_train_gpu: defectvlm {args[0]} failed ({code})")
 
 
-def sample_shape(config, width: int, height: int, text_tokens: int) -> Shape:
-    from defectvlm.models.families import get_family
-
-    vision = config.vision_config
-    side = vision.patch_size * vision.spatial_merge_size
-    w, h = get_family("qwen2_5_vl").resized(width, height, min_pixels=side * side, max_pixels=4 * width * height)
-    return Shape(h // vision.patch_size, w // vision.patch_size, vision.spatial_merge_size, text_tokens)
+def deep_merge(base: dict, overrides: dict) -> dict:
+    merged = dict(base)
+    for key, value in overrides.items():
+        merged[key] = deep_merge(merged[key], value) if isinstance(value, dict) and key in merged else value
+    return merged
 
 
-def build_model(attn: str):
-    """The 7B architecture, randomly initialised directly in bf16 on the GPU."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    config = Qwen2_5_VLConfig(text_config=TEXT_7B, vision_config=VISION_7B, tie_word_embeddings=False)
-    config.use_cache = config.text_config.use_cache = False
-    torch.set_default_dtype(torch.bfloat16)
-    try:
-        with torch.device("cuda"):
-            model = Qwen2_5_VLForConditionalGeneration._from_config(config, attn_implementation=attn)
-    finally:
-        torch.set_default_dtype(torch.float32)
-    return model
-
-
-def varlen_attention(module, query, key, value, attention_mask=None, cu_seq_lens_q=None, max_length_q=None, **kwargs):
-    """transformers' flash-attention calling convention over torch's varlen flash attention
-    (vision tower only: no mask, not causal, equal query and key windows)."""
-    from torch.nn.attention.varlen import varlen_attn
-
-    q, k, v = (x[0].transpose(0, 1).contiguous() for x in (query, key, value))  # (tokens, heads, dim)
-    cu = cu_seq_lens_q.to(torch.int32)
-    return varlen_attn(q, k, v, cu, cu, int(max_length_q), int(max_length_q)).unsqueeze(0), None
-
-
-def use_varlen_vision_attention(model) -> None:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register("flash_varlen", varlen_attention)  # "flash" selects the cu_seqlens path
-    model.set_attn_implementation({"vision_config": "flash_varlen"})
-
-
-def synthetic_batch(config, shape: Shape, batch_size: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Token ids with the image's pad tokens in place, pixels, grid; loss on the answer only."""
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for _ in range(batch_size):
-        text = torch.randint(0, FIRST_SPECIAL_ID, (shape.text_tokens - 2,), generator=g)
-        image = torch.full((shape.image_tokens,), config.image_token_id)
-        start, end = torch.tensor([config.vision_start_token_id]), torch.tensor([config.vision_end_token_id])
-        rows.append(torch.cat([text[:PROMPT_PREFIX], start, image, end, text[PROMPT_PREFIX:]]))
-    input_ids = torch.stack(rows)
-    labels = torch.full_like(input_ids, -100)
-    labels[:, -ANSWER_TOKENS:] = input_ids[:, -ANSWER_TOKENS:]
-    vision = config.vision_config
-    patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
-    batch = {
-        "input_ids": input_ids,
-        "attention_mask": torch.ones_like(input_ids),
-        "labels": labels,
-        "pixel_values": torch.randn(batch_size * shape.patches, patch_dim, generator=g).to(torch.bfloat16),
-        "image_grid_thw": torch.tensor([[1, shape.grid_h, shape.grid_w]] * batch_size),
+def write_params(work: Path, args: argparse.Namespace, checkpoint: Path, max_steps: int, run: str) -> Path:
+    """The repo's params.yaml with the benchmark's model, data and phase-1 settings."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    raw = work / "raw"
+    overrides = {
+        "data": {"abnormal_root": str(raw / "abnormal_root"), "normal_root": str(raw / "normal_root")},
+        "model": {
+            "family": args.family,
+            "name_or_path": str(checkpoint),
+            "attn_implementation": args.attn,
+            "min_pixels": MIN_PIXELS,
+            "max_pixels": MAX_PIXELS,
+        },
+        "train": {
+            "output_dir": str(work / run),
+            "deepspeed": str(REPO / "configs" / "deepspeed" / "zero2.json"),
+            "batch_size": args.batch_size,
+            "grad_accum": 1,
+            "gradient_checkpointing": args.grad_ckpt,
+            "logging_steps": 1,
+            "eval_steps": 10**6,
+            "save_steps": 10**6,
+            "metric_for_best_model": "eval_loss",
+            "greater_is_better": False,
+            "phase1": {"max_steps": max_steps},
+        },
+        "tracking": {"uri": f"sqlite:///{work / 'mlflow.db'}"},
     }
-    return {key: value.to(device) for key, value in batch.items()}
+    path = work / f"params_{run}.yaml"
+    path.write_text(yaml.safe_dump(deep_merge(params, overrides), allow_unicode=True), encoding="utf-8")
+    return path
 
 
-def matrix_params(module: torch.nn.Module, lora: bool | None = None) -> int:
-    """Weights that multiply activations (2-D and up: linear, conv); LoRA only / none / all."""
-    return sum(
-        p.numel() for n, p in module.named_parameters() if p.dim() >= 2 and (lora is None or (".lora_" in n) == lora)
+def prepare(work: Path, args: argparse.Namespace) -> Path:
+    """demo-data JPEGs -> ingest -> split -> regions -> build-sft; returns the SFT folder."""
+    sft = work / "04"
+    if (sft / "train.jsonl").exists():
+        return sft
+    half = args.images // 2
+    cli("demo-data", "--out", work / "raw", "--n-abnormal", half, "--n-normal", args.images - half, "--seed", 7,
+        "--workers", os.cpu_count() or 1)  # fmt: skip
+    params = write_params(work, args, Path("unused"), 1, "prepare")
+    previous = None
+    for step, folder in (("ingest", "01"), ("split", "02"), ("regions", "03"), ("build-sft", "04")):
+        extra = ["--quiet"] if step == "ingest" else ["--in", work / previous]
+        cli(step, "--params", params, "--out", work / folder, *extra)
+        previous = folder
+    return sft
+
+
+def write_checkpoint(work: Path, args: argparse.Namespace) -> Path:
+    """The family's architecture at random weights (bf16 on the GPU) + its processor, on disk."""
+    import transformers
+
+    from defectvlm.models.families import get_family
+    from defectvlm.models.tiny_families import build_tiny_family, published_random
+
+    folder = work / f"checkpoint_{args.family}_{args.arch}"
+    if (folder / "config.json").exists():
+        return folder
+    if args.arch == "tiny":
+        model, processor = build_tiny_family(args.family, MIN_PIXELS, MAX_PIXELS)
+    else:
+        config, processor = published_random(args.family, MIN_PIXELS, MAX_PIXELS)
+        model_class = getattr(transformers, get_family(args.family).model_class)
+        torch.manual_seed(0)
+        torch.set_default_dtype(torch.bfloat16)
+        try:
+            with torch.device("cuda"):
+                model = model_class._from_config(config)
+        finally:
+            torch.set_default_dtype(torch.float32)
+    model.save_pretrained(str(folder))
+    processor.save_pretrained(str(folder))
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return folder
+
+
+def train(work: Path, args: argparse.Namespace, checkpoint: Path, sft: Path, steps: int, run: str) -> dict:
+    params = write_params(work, args, checkpoint, steps, run)
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "1"]
+    command = [*torchrun, "-m", "defectvlm", "train", "--phase", "1", "--params", params, "--in", sft, "--no-tracking"]
+    started = time.perf_counter()
+    done = subprocess.run([str(c) for c in command], capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"bench_train_gpu: training run {run} failed:\n{done.stderr[-4000:]}")
+    metrics = json.loads((work / run / "phase1" / "metrics.json").read_text(encoding="utf-8"))
+    return {**metrics, "process_seconds": time.perf_counter() - started}
+
+
+def data_only(sft: Path, checkpoint: Path, family: str, samples: int, batch_size: int, workers: int) -> dict:
+    """The recipe's dataset + collator in a DataLoader: samples/s, LM tokens and vision patches."""
+    import transformers
+
+    from defectvlm.io import read_jsonl
+    from defectvlm.models.families import get_family
+    from defectvlm.train.data import Collator, SftDataset
+
+    kwargs = get_family(family).processor_kwargs(MIN_PIXELS, MAX_PIXELS)
+    processor = transformers.AutoProcessor.from_pretrained(str(checkpoint), **kwargs)
+    dataset = SftDataset(read_jsonl(sft / "train.jsonl"), processor)
+    indices = [i % len(dataset) for i in range(samples)]
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, indices),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=Collator(processor),
     )
+    image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    merge = get_family(family).merge_size
+    tokens = patches = 0
+    started = time.perf_counter()
+    for batch in loader:
+        tokens += int(batch["attention_mask"].sum())
+        patches += int((batch["input_ids"] == image_token).sum()) * merge**2
+    seconds = time.perf_counter() - started
+    return {"samples_per_s": round(samples / seconds, 2), "patches_per_token": patches / tokens, "samples": samples}
 
 
-def window_attention_area(shape: Shape, window_merged: int) -> int:
-    """Sum over windows of (patches per window)^2 for one windowed vision layer."""
-
-    def squares(n: int) -> int:
-        return (n // window_merged) * window_merged**2 + (n % window_merged) ** 2
-
-    return shape.merge**4 * squares(shape.grid_h // shape.merge) * squares(shape.grid_w // shape.merge)
-
-
-def step_flops(model, shape: Shape, batch_size: int) -> dict[str, float]:
-    """Model (6N-style) and hardware-useful FLOPs of one optimizer step (see the module doc)."""
-    base = model.get_base_model()
-    text, vision = base.config.text_config, base.config.vision_config
-    visual, merger = base.model.visual, base.model.visual.merger
-    s, p, t = shape.seq_len, shape.patches, shape.image_tokens
-
-    lm_linear = 2 * s * (matrix_params(base.model.language_model) + base.lm_head.weight.numel())
-    lora_linear = 2 * s * matrix_params(base.model.language_model, lora=True)
-    lm_attention = 4 * text.num_hidden_layers * s * s * text.hidden_size
-    merger_fwd = 2 * t * matrix_params(merger)
-    full_layers = len(vision.fullatt_block_indexes)
-    window_layers = vision.depth - full_layers
-    window_merged = vision.window_size // vision.patch_size // vision.spatial_merge_size
-    vision_attention = (
-        4 * vision.hidden_size * (full_layers * p * p + window_layers * window_attention_area(shape, window_merged))
-    )
-    vision_fwd = 2 * p * (matrix_params(visual) - matrix_params(merger)) + vision_attention + merger_fwd
-
-    forward = lm_linear + lm_attention + vision_fwd
-    useful = forward + lm_linear + lora_linear + 2 * lm_attention + 2 * merger_fwd
-    return {"model": 3.0 * forward * batch_size, "useful": float(useful * batch_size)}
-
-
-def build_engine(model, batch_size: int, grad_ckpt: bool, lora_dropout: float, vision_no_grad: bool):
-    """Phase 1 as the recipe builds it: apply_phase, param_groups, AdamW, DeepSpeed ZeRO-2."""
-    import deepspeed
+def matrix_params(family_name: str, checkpoint: Path) -> dict[str, int]:
+    """Matrix-shaped parameters (phase 1's LoRA included) of the LM (+ lm_head) and the vision tower."""
+    import transformers
 
     from defectvlm.config import params_from_dict
     from defectvlm.models.families import get_family
-    from defectvlm.train.distributed import init_distributed
-    from defectvlm.train.loop import deepspeed_config
-    from defectvlm.train.phases import apply_phase, check_invariants, param_groups
+    from defectvlm.train.phases import apply_phase
 
-    params = params_from_dict(
-        {
-            "train": {
-                "batch_size": batch_size,
-                "deepspeed": str(REPO / "configs" / "deepspeed" / "zero2.json"),
-                "gradient_checkpointing": grad_ckpt,
-                "lora": {"dropout": lora_dropout},
-            }
-        }
-    )
-    family, phase = get_family("qwen2_5_vl"), params.train.phase(1)
-    _, world = init_distributed()
-    model = apply_phase(model, family, phase, params.train.lora)
-    if grad_ckpt:
-        model.enable_input_require_grads()
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if vision_no_grad:
-        model.get_base_model().model.visual.get_input_embeddings()._forward_hooks.clear()
-    check_invariants(model, family, 1, phase)
-    groups = param_groups(model, family, phase)
-    optimizer = torch.optim.AdamW(
-        [{"params": g["params"], "lr": g["lr"], "name": g["name"]} for g in groups],
-        weight_decay=params.train.weight_decay,
-    )
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(params, world))
-    return engine
-
-
-def timed_steps(engine, batch: dict[str, torch.Tensor], warmup: int, steps: int) -> tuple[list[float], float]:
-    """Seconds of each timed step (synchronised) and the last loss."""
-    times: list[float] = []
-    for i in range(warmup + steps):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        loss = engine(**batch).loss
-        engine.backward(loss)
-        engine.step()
-        torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return times, float(loss.detach())
+    family = get_family(family_name)
+    config = transformers.AutoConfig.from_pretrained(str(checkpoint))
+    with torch.device("meta"):
+        base = getattr(transformers, family.model_class)(config)
+    train = params_from_dict({}).train
+    model = apply_phase(base, family, train.phase(1), train.lora).get_base_model()
+    vision = family.vision_tower + "."
+    counts = {"lm": 0, "vision": 0}
+    for name, parameter in model.named_parameters():
+        if parameter.dim() >= 2:
+            counts["vision" if name.startswith(vision) else "lm"] += parameter.numel()
+    return counts
 
 
 def run(args: argparse.Namespace) -> dict:
-    model = build_model(args.attn)
-    if args.vision_attn == "varlen":
-        use_varlen_vision_attention(model)
-    shape = sample_shape(model.config, IMAGE_WIDTH, IMAGE_HEIGHT, TEXT_TOKENS)
-    engine = build_engine(model, args.batch_size, args.grad_ckpt, args.lora_dropout, args.vision_no_grad)
-    batch = synthetic_batch(model.config, shape, args.batch_size, engine.device)
-    flops = step_flops(engine.module, shape, args.batch_size)
-    torch.cuda.reset_peak_memory_stats()
-    times, loss = timed_steps(engine, batch, args.warmup, args.steps)
-    step = statistics.median(times)
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    sft = prepare(work, args)
+    checkpoint = write_checkpoint(work, args)
+    short = train(work, args, checkpoint, sft, args.warmup, "warmup")
+    long = train(work, args, checkpoint, sft, args.warmup + args.steps, "timed")
+    steps = long["steps"] - short["steps"]
+    seconds = long["train_seconds"] - short["train_seconds"]
+    tokens = long["tokens"]["real"] - short["tokens"]["real"]
+    samples = steps * args.batch_size
+    data = data_only(sft, checkpoint, args.family, samples, args.batch_size, args.data_workers)
+    params = matrix_params(args.family, checkpoint)
+    flops = 6 * (params["lm"] * tokens + params["vision"] * tokens * data["patches_per_token"])
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    peak = (
+        args.peak_tflops * 1e12 if args.peak_tflops else next((v for k, v in PEAK_FLOPS.items() if k in device), None)
+    )
+    step = seconds / steps
     return {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
+        "device": device,
+        "family": args.family,
+        "arch": args.arch,
         "attn": args.attn,
         "grad_ckpt": args.grad_ckpt,
-        "lora_dropout": args.lora_dropout,
-        "vision_attn": args.vision_attn,
-        "vision_no_grad": args.vision_no_grad,
         "batch_size": args.batch_size,
-        **asdict(shape),
-        "image_tokens": shape.image_tokens,
-        "seq_len": shape.seq_len,
-        "step_s_median": round(step, 4),
-        "step_s_min": round(min(times), 4),
-        "step_s_max": round(max(times), 4),
-        "tokens_per_s": round(args.batch_size * shape.seq_len / step, 1),
-        "samples_per_s": round(args.batch_size / step, 3),
-        "tflops_model": round(flops["model"] / step / 1e12, 1),
-        "tflops_useful": round(flops["useful"] / step / 1e12, 1),
-        "mfu_model": round(flops["model"] / step / PEAK_FLOPS, 4),
-        "mfu_useful": round(flops["useful"] / step / PEAK_FLOPS, 4),
-        "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-        "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
-        "loss": round(loss, 4),
+        "timed_steps": steps,
+        "step_s": round(step, 4),
+        "samples_per_s": round(samples / seconds, 3),
+        "tokens_per_s": round(tokens / seconds, 1),
+        "tokens_per_sample": round(tokens / samples, 1),
+        "padding_fraction": round(1 - long["tokens"]["real"] / long["tokens"]["padded"], 4),
+        "data_samples_per_s": data["samples_per_s"],
+        "data_headroom": round(data["samples_per_s"] / (samples / seconds), 2),
+        "params_lm_matrix": params["lm"],
+        "params_vision_matrix": params["vision"],
+        "tflops_6n": round(flops / seconds / 1e12, 1),
+        "mfu_6n": round(flops / seconds / peak, 4) if peak else None,
+        "warmup_run_s": round(short["process_seconds"], 1),
+        "timed_run_s": round(long["process_seconds"], 1),
+        "final_loss": long["history"][-1].get("eval_loss") if long.get("history") else None,
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps (after warm-up)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing (non-reentrant)")
-    parser.add_argument("--lora-dropout", type=float, default=0.05, help="the recipe's default is 0.05")
-    parser.add_argument(
-        "--attn", default="sdpa", help="attn_implementation (sdpa, or flash_attention_2 where installed)"
-    )
-    parser.add_argument("--vision-attn", choices=("sdpa", "varlen"), default="sdpa", help="see the module doc")
-    parser.add_argument("--vision-no-grad", action="store_true", help="see the module doc")
+    parser.add_argument("--family", default="qwen2_5_vl", choices=("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl"))
+    parser.add_argument("--arch", default="published", choices=("published", "tiny"))
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (beyond the warm-up run's)")
+    parser.add_argument("--warmup", type=int, default=3, help="steps of the warm-up run")
+    parser.add_argument("--grad-ckpt", action="store_true", help="train.gradient_checkpointing")
+    parser.add_argument("--attn", default="auto", help="model.attn_implementation")
+    parser.add_argument("--images", type=int, default=96, help="demo images to generate (half abnormal)")
+    parser.add_argument("--data-workers", type=int, default=4, help="DataLoader processes of the data-only pass")
+    parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak of a GPU other than H100/H200")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/bench_train_gpu"))
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench_train_gpu: no CUDA device here; this benchmark needs one GPU (e.g. an H100)")
-    try:
-        result = run(args)
-    except torch.OutOfMemoryError as exc:
-        result = {"batch_size": args.batch_size, "grad_ckpt": args.grad_ckpt, "oom": str(exc).split("\n")[0]}
+    if args.arch == "published" and not torch.cuda.is_available():
+        sys.exit("bench_train_gpu: no CUDA device here; the published architecture needs one GPU (--arch tiny on CPU)")
+    result = run(args)
     text = json.dumps(result)
     print(text)
     if args.json:
         args.json.write_text(text + "\n")
-    if "oom" in result:
-        sys.exit(1)
 
 
 if __name__ == "__main__":

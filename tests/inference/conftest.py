@@ -14,7 +14,7 @@ from defectvlm.config import LoraParams, PhaseParams, load_params
 from defectvlm.data.sft import load_knowledge, load_templates
 from defectvlm.io import read_jsonl
 from defectvlm.models.families import get_family
-from defectvlm.models.tiny import build_tiny
+from defectvlm.models.tiny_families import build_tiny_family
 from defectvlm.train.artifacts import prompt_config, save_trained, trained_tensors
 from defectvlm.train.phases import apply_phase
 from tests.conftest import REPO
@@ -25,9 +25,9 @@ PHASE3 = PhaseParams(vision_lora_top_n=2, unfreeze_top_k=1)
 THRESHOLD = 0.5
 
 
-def trained_model(seed: int = 0):
-    base, processor = build_tiny(MIN_PIXELS, MAX_PIXELS)
-    model = apply_phase(base, FAMILY, PHASE3, LoraParams(r=4, alpha=8, dropout=0.0))
+def trained_model(seed: int = 0, family: str = FAMILY.name):
+    base, processor = build_tiny_family(family, MIN_PIXELS, MAX_PIXELS)
+    model = apply_phase(base, get_family(family), PHASE3, LoraParams(r=4, alpha=8, dropout=0.0))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in model.parameters():
@@ -37,15 +37,15 @@ def trained_model(seed: int = 0):
     return model, processor
 
 
-def save_adapter(model, processor, folder: Path, sft_dir: Path) -> Path:
+def save_adapter(model, processor, folder: Path, sft_dir: Path, family: str = FAMILY.name) -> Path:
     sft = load_params(REPO / "params.yaml").sft  # what sft_dir was built with
     classes = json.loads((sft_dir / "sft_summary.json").read_text(encoding="utf-8"))["classes"]
     prompt = prompt_config(sft, load_templates(sft), load_knowledge(sft), classes, read_jsonl(sft_dir / "train.jsonl"))
     info = {
         "phase": 3,
         "enabled": True,
-        "family": FAMILY.name,
-        "base": "tiny",
+        "family": family,
+        "base": "tiny" if family == FAMILY.name else "tiny-random",
         "starts_from": None,
         "step": 1,
         "min_pixels": MIN_PIXELS,
@@ -53,8 +53,8 @@ def save_adapter(model, processor, folder: Path, sft_dir: Path) -> Path:
         "phase_params": PHASE3.model_dump(),
         "lora": LoraParams(r=4, alpha=8, dropout=0.0).model_dump(),
     }
-    state, modules = trained_tensors(model, FAMILY)
-    save_trained(folder, model, state, modules, FAMILY, processor, info, prompt)
+    state, modules = trained_tensors(model, get_family(family))
+    save_trained(folder, model, state, modules, get_family(family), processor, info, prompt)
     (folder / "inference.json").write_text(json.dumps({"threshold": THRESHOLD, "classes": classes}), encoding="utf-8")
     return folder
 

@@ -6,9 +6,12 @@ import functools
 import re
 
 import pytest
+import torch
+import transformers
 
 from defectvlm.models.families import get_family
 from defectvlm.models.sizes import PUBLISHED, build_on_meta, markdown_table, phase_counts
+from defectvlm.models.tiny_families import published_random
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -59,3 +62,17 @@ def test_published_architecture_per_phase(name):
 
 def test_readme_table_is_the_scripts_output():
     assert markdown_table() in (REPO / "README.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_published_random_is_the_published_architecture_speaking_the_processors_tokens(name):
+    """What bench_train_gpu.py writes as a checkpoint: published sizes, the tiny processor's ids."""
+    config, processor = published_random(name, 56 * 56, 1344 * 1024)
+    with torch.device("meta"):
+        model = getattr(transformers, get_family(name).model_class)(config)
+    assert sum(p.numel() for p in model.parameters()) == PUBLISHED_TOTALS[name]
+    tokenizer = processor.tokenizer
+    assert config.image_token_id == tokenizer.convert_tokens_to_ids(processor.image_token) != tokenizer.unk_token_id
+    assert config.text_config.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert config.text_config.pad_token_id == tokenizer.pad_token_id
+    assert len(tokenizer) <= config.text_config.vocab_size

@@ -161,9 +161,10 @@ class ModelParams(Section):
         description="'tiny' (offline test model), 'tiny-random' (any family, random weights), a local path, "
         "or a hub id.",
     )
-    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "eager"] = Field(
+    attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "varlen_vision", "eager"] = Field(
         "auto",
-        description="Attention kernel; auto: flash_attention_2 on CUDA when flash-attn is installed, else sdpa.",
+        description="Attention kernel; auto: flash_attention_2 on CUDA when flash-attn is installed, else "
+        "varlen_vision (torch varlen flash attention in a Qwen vision tower, sdpa in the LM) on CUDA, else sdpa.",
     )
     min_pixels: int = Field(56 * 56, description="Smallest image area (pixels) after the processor's resize.")
     max_pixels: int = Field(448 * 448, description="Largest image area (pixels) after the processor's resize.")

@@ -38,6 +38,7 @@ class Family:
     tile_size: int | None = None  # the processor tiles the image (InternVL) instead of resizing it
     assistant_header: str = "<|im_start|>assistant\n"  # what the chat template opens the answer with
     turn_end: str = "<|im_end|>"  # the token that closes a turn (trained as part of the answer)
+    vision_packed: bool = True  # the vision tower packs images/windows into one sequence (cu_seqlens)
 
     @property
     def projectors(self) -> tuple[str, ...]:
@@ -135,6 +136,7 @@ FAMILIES: dict[str, Family] = {
         lm_lora_leaves=_LM_LEAVES,
         vision_lora_leaves=r"attention\.(q_proj|k_proj|v_proj|projection_layer)|mlp\.(fc1|fc2)",
         tile_size=448,
+        vision_packed=False,  # fixed 448 px tiles, one batch row each
     ),
 }
 

@@ -8,16 +8,22 @@ import torch
 
 from defectvlm.config import ModelParams
 from defectvlm.errors import StepFailure
-from defectvlm.models.attention import resolve_attn_implementation
+from defectvlm.models.attention import model_attn_implementation, resolve_attn_implementation, use_choice
 from defectvlm.models.families import get_family
 
 TINY_NAMES = ("tiny", "tiny-random", "tiny-pretrained")
 
 
 def load_base(model: ModelParams, qlora: bool = False):
-    """(model, processor) for `model.name_or_path` with the configured pixel budget."""
+    """(model, processor) for `model.name_or_path` with the configured pixel budget and attention."""
+    choice = resolve_attn_implementation(model.attn_implementation, get_family(model.family))
+    base, processor = _load(model, qlora, model_attn_implementation(choice))
+    use_choice(base, choice)
+    return base, processor
+
+
+def _load(model: ModelParams, qlora: bool, attn_implementation: str):
     family = get_family(model.family)
-    attn_implementation = resolve_attn_implementation(model.attn_implementation)
     if model.name_or_path == "tiny-random" and model.family != "qwen2_5_vl":
         if qlora:
             raise StepFailure("train.qlora needs a real checkpoint on a CUDA GPU; the tiny model trains in fp32")

@@ -39,20 +39,41 @@ SPECIAL_TOKENS = [
 VOCAB_SIZE = 2048
 SEED = 1234
 
-# The Qwen2.5-VL conversation format: <|im_start|>role\ncontent<|im_end|>\n, an image as
-# <|vision_start|><|image_pad|><|vision_end|> (the processor expands <|image_pad|>).
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
+# The families' published chat templates, compact (no tools, videos or vision ids): ChatML
+# turns, the family's image placeholder, the default system prompt where the published template
+# adds one when the conversation opens without a system message, and Qwen3-VL's rule that only
+# a first system message is rendered. tests/models/test_chat_templates.py checks the rendering
+# against the published templates' output for every message shape the project produces.
+_CHATML_TURN = (
     "<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% if part['type'] == 'image' %}IMAGE_PLACEHOLDER"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %}"
     "<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+def chat_template(image_placeholder: str, default_system: str | None = None, first_system_only: bool = False) -> str:
+    """A compact chat template (see above) with the family's image placeholder."""
+    system = (
+        "{% if loop.first and message['role'] != 'system' %}"
+        f"<|im_start|>system\n{default_system}<|im_end|>\n"
+        "{% endif %}"
+        if default_system
+        else ""
+    )
+    turn = _CHATML_TURN.replace("IMAGE_PLACEHOLDER", image_placeholder)
+    if first_system_only:
+        turn = "{% if message['role'] != 'system' or loop.first %}" + turn + "{% endif %}"
+    generation = "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    return "{% for message in messages %}" + system + turn + "{% endfor %}" + generation
+
+
+QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+QWEN2_SYSTEM = "You are a helpful assistant."
+CHAT_TEMPLATE = chat_template(QWEN_IMAGE, QWEN2_SYSTEM)  # Qwen2.5-VL's, as Qwen2-VL's
 
 TINY_TEXT = {
     # Wider than transformers' 0.02: with a frozen random LM head behind a unit-RMS norm,

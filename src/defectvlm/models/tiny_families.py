@@ -14,42 +14,12 @@ import transformers
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
 from defectvlm.models.families import Family, get_family
-from defectvlm.models.tiny import SEED, TINY_TEXT, build_tokenizer
+from defectvlm.models.tiny import QWEN2_SYSTEM, QWEN_IMAGE, SEED, TINY_TEXT, build_tokenizer, chat_template
 
-# The published chat templates, compact (no tools, videos or vision ids): the default system
-# prompt, the family's image placeholder, ChatML turns.
-_CHATML_TURNS = (
-    "<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}IMAGE_PLACEHOLDER"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}"
-    "<|im_end|>\n"
-)
-_GENERATION_PROMPT = "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-
-
-def _template(default_system: str | None, image_placeholder: str) -> str:
-    system = (
-        "{% if loop.first and message['role'] != 'system' %}"
-        f"<|im_start|>system\n{default_system}<|im_end|>\n"
-        "{% endif %}"
-        if default_system
-        else ""
-    )
-    turns = _CHATML_TURNS.replace("IMAGE_PLACEHOLDER", image_placeholder)
-    return "{% for message in messages %}" + system + turns + "{% endfor %}" + _GENERATION_PROMPT
-
-
-QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 CHAT_TEMPLATES = {
-    "qwen2_vl": _template("You are a helpful assistant.", QWEN_IMAGE),
-    "qwen3_vl": _template(None, QWEN_IMAGE),
-    "internvl": _template(
-        "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。",
-        "<IMG_CONTEXT>\n",
-    ),
+    "qwen2_vl": chat_template(QWEN_IMAGE, QWEN2_SYSTEM),
+    "qwen3_vl": chat_template(QWEN_IMAGE, first_system_only=True),
+    "internvl": chat_template("<IMG_CONTEXT>\n"),  # InternVL3-*-hf: no default system prompt
 }
 INTERNVL_TOKENS = {
     "start_image_token": "<img>",
@@ -200,3 +170,28 @@ def build_tiny_family(name: str, min_pixels: int, max_pixels: int, attn_implemen
         torch.random.set_rng_state(generator_state)
     model.eval()
     return model, processor
+
+
+def published_random(name: str, min_pixels: int, max_pixels: int):
+    """(config, processor): the family's published 7B/8B architecture (`defectvlm.models.sizes`)
+    with the tiny tokenizer's special-token ids, and the tiny processor: what a checkpoint of
+    the real size looks like at random weights (the GPU benchmark writes one and trains it)."""
+    from defectvlm.models.sizes import PUBLISHED
+
+    family = get_family(name)
+    if name == "qwen2_5_vl":
+        from defectvlm.models.tiny import build_processor, tiny_config
+
+        processor = build_processor(min_pixels, max_pixels)
+        tiny = tiny_config(processor.tokenizer)
+    else:
+        tiny, processor = _BUILDERS[name](build_tokenizer(), family, family.processor_kwargs(min_pixels, max_pixels))
+        processor.tokenizer.chat_template = processor.chat_template
+    config = getattr(transformers, family.model_class).config_class(**PUBLISHED[name][1])
+    for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        if hasattr(tiny, key):
+            setattr(config, key, getattr(tiny, key))
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(config.text_config, key, getattr(tiny.text_config, key))
+    config.use_cache = config.text_config.use_cache = False
+    return config, processor

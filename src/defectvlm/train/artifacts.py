@@ -39,12 +39,17 @@ ADAPTER_NAME = "default"
 def fully_trained_modules(model: PeftModel, family: Family) -> list[str]:
     """Module paths (in the base model) whose own weights train: the projector, unfrozen blocks."""
     modules = set()
+    base = model.get_base_model()
     for name, parameter in model.named_parameters():
         info = classify(name, family)
         if not parameter.requires_grad or info.lora:
             continue
         if info.group == "projector":  # Qwen3-VL has deepstack mergers beside the main one
-            modules.add(next(p for p in family.projectors if canonical(name).startswith(p + ".")))
+            projector = next(p for p in family.projectors if canonical(name).startswith(p + "."))
+            if isinstance(base.get_submodule(projector), (torch.nn.ModuleList, torch.nn.ModuleDict)):
+                # PEFT saves whole modules but refuses containers: Qwen3-VL's deepstack mergers one by one
+                projector += "." + canonical(name).removeprefix(projector + ".").split(".")[0]
+            modules.add(projector)
         elif info.group == "vision_blocks":
             modules.add(f"{family.vision_blocks}.{info.block}")
         else:
@@ -85,7 +90,7 @@ def adapter_config(model: PeftModel, modules: list[str], family: Family):
     """The training LoraConfig with the fully trained modules saved whole and out of LoRA's reach."""
     config = copy.deepcopy(model.peft_config[ADAPTER_NAME])
     config.modules_to_save = modules or None
-    blocks = [m for m in modules if m not in family.projectors]
+    blocks = [m for m in modules if not any(m == p or m.startswith(p + ".") for p in family.projectors)]
     config.exclude_modules = "|".join(rf"{re.escape(m)}\..+" for m in blocks) or None
     config.inference_mode = True
     return config
