@@ -206,7 +206,7 @@ def build_engine(model, batch_size: int, grad_ckpt: bool, lora_dropout: float, v
     from defectvlm.config import params_from_dict
     from defectvlm.models.families import get_family
     from defectvlm.train.distributed import init_distributed
-    from defectvlm.train.loop import deepspeed_config
+    from defectvlm.train.build import deepspeed_config
     from defectvlm.train.phases import apply_phase, check_invariants, param_groups
 
     params = params_from_dict(

@@ -315,6 +315,9 @@ class TrainParams:
     grad_accum: int = param(1, "Micro-batches per optimizer step.")
     max_length: int = param(4096, "Longer samples are skipped and counted.")
     group_by_length: bool = param(True, "Batch samples of similar length together (less padding).")
+    num_workers: int = param(
+        2, "DataLoader worker processes that decode and process the next batches' images (0: in the training process)."
+    )
     warmup_ratio: float = param(0.1, "Share of steps with linear warm-up, then cosine decay.")
     weight_decay: float = param(0.0, "AdamW weight decay.")
     max_grad_norm: float = param(1.0, "Gradient clipping.")
@@ -343,6 +346,8 @@ class TrainParams:
         for key in ("batch_size", "grad_accum", "max_length", "logging_steps", "eval_steps", "save_steps"):
             if getattr(self, key) < 1:
                 _fail(f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
+        if self.num_workers < 0:
+            _fail("train.num_workers", f"must be >= 0, got {self.num_workers}")
         if self.save_total_limit < 1:
             _fail("train.save_total_limit", f"must be >= 1, got {self.save_total_limit}")
         if not 0 <= self.warmup_ratio < 1:

@@ -23,16 +23,17 @@ _MODEL_CODE = tuple(_SRC + f"models/{f}.py" for f in ("attention", "families", "
 _TRAIN_KEYS = tuple(
     f"train.{key}"
     for key in (
-        "output_dir", "deepspeed", "seed", "batch_size", "grad_accum", "max_length", "group_by_length",
+        "output_dir", "deepspeed", "seed", "batch_size", "grad_accum", "max_length", "group_by_length", "num_workers",
         "warmup_ratio", "weight_decay", "max_grad_norm", "gradient_checkpointing", "qlora", "logging_steps",
         "eval_steps", "save_steps", "save_total_limit", "metric_for_best_model", "greater_is_better", "lora",
     )
 )  # fmt: skip
+_TRAIN_FILES = ("artifacts", "build", "checkpoints", "data", "distributed", "loader", "loop", "phases", "validation")
 # training picks its best checkpoint with the scoring pass (evaluate/), whose answers use the templates
 _TRAIN_CODE = (
     *_CORE,
     *_MODEL_CODE,
-    *(_SRC + f"train/{f}.py" for f in ("artifacts", "data", "distributed", "loop", "phases", "validation")),
+    *(_SRC + f"train/{f}.py" for f in _TRAIN_FILES),
     *(_SRC + f"evaluate/{f}.py" for f in ("metrics", "scoring")),
     _SRC + "data/sft.py",
     _SRC + "data/templates",
