@@ -8,7 +8,7 @@ Without --sft it writes the demo data set (`defectvlm demo-data`: JPEG files of 
 
 1. The data path alone: `train.loader.train_loader` over the train split (params.yaml's model
    and batch size; whole images and region crops decoded, cropped and run through the
-   processor), one epoch per worker count, after one warm-up epoch. Reports image parts per
+   processor), one epoch's worth of batches per worker count after 4 warm-up batches. Reports image parts per
    second (a whole image or a crop is one part) and batches per second.
 2. Training: phase 1 of the real recipe (DeepSpeed ZeRO-2, one process) for --steps steps,
    train.num_workers 0 and 2, evaluation and checkpoints off. Reports metrics.json's
@@ -24,6 +24,7 @@ import os
 import platform
 import tempfile
 import time
+from itertools import islice
 from pathlib import Path
 
 from defectvlm.cli import main as cli
@@ -31,7 +32,7 @@ from defectvlm.config import load_params, params_from_dict, params_to_dict
 from defectvlm.io import read_jsonl
 from defectvlm.models.loading import load_base
 from defectvlm.train.data import SftDataset, image_parts
-from defectvlm.train.loader import epoch_batches, train_loader
+from defectvlm.train.loader import stream, train_loader
 from defectvlm.train.loop import train_phase
 
 
@@ -59,11 +60,13 @@ def data_path(sft: Path, workers: int) -> dict:
     _, processor = load_base(params.model)
     dataset = SftDataset(read_jsonl(sft / "train.jsonl"), processor)
     loader = train_loader(dataset, processor, params.train, rank=0, world=1)
-    for _ in epoch_batches(loader, 0):  # warm-up: workers started, files in the page cache
+    per_epoch = loader.batch_sampler.per_rank
+    batches = stream(loader, 0)
+    for _ in islice(batches, min(4, per_epoch)):  # warm-up: workers started, files in the page cache
         pass
     cpu0, start = time.process_time(), time.perf_counter()
     parts = n = 0
-    for batch in epoch_batches(loader, 1):
+    for batch in islice(batches, per_epoch):  # one epoch's worth, as training reads them
         n += 1
         parts += int(batch["image_grid_thw"].shape[0])
     seconds = time.perf_counter() - start

@@ -175,10 +175,11 @@ def test_worker_processes_change_nothing_that_is_trained(sft_dir, train_params):
     (LoRA dropout on: its masks come from the global RNG, which the loader must not draw from)."""
     runs = []
     for workers in (0, 2):
-        _, params = train_params(num_workers=workers, eval_steps=2, phase1={"max_steps": 4}, lora={"dropout": 0.1})
+        overrides = dict(batch_size=4, eval_steps=4, phase1={"max_steps": 8}, lora={"dropout": 0.1})
+        _, params = train_params(num_workers=workers, **overrides)  # 6 micro-batches an epoch: 8 cross into the next
         runs.append(train_phase(params, 1, sft_dir))
     inline, workers = runs
-    assert len(inline["history"]) == 2
+    assert len(inline["history"]) == 2 and inline["steps_per_epoch"] == 6
     assert inline["history"] == workers["history"]
     assert inline["weights_digest_per_rank"] == workers["weights_digest_per_rank"]
     assert inline["tokens"] == workers["tokens"] and inline["token_efficiency"] == workers["token_efficiency"]

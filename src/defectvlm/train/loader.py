@@ -27,13 +27,14 @@ PREFETCH = 2  # micro-batches each worker prepares ahead
 
 
 class RankBatches(Sampler[list[int]]):
-    """One rank's micro-batches (lists of sample indices) of one epoch, from `start` on."""
+    """One rank's micro-batches (lists of sample indices), epoch after epoch without end, from
+    micro-batch `start` of `epoch` on: one stream, so the workers prefetch across epochs."""
 
     def __init__(self, lengths: list[int], train: TrainParams, rank: int, world: int):
         super().__init__()
         self.lengths, self.rank, self.world = lengths, rank, world
         self.batch_size, self.seed, self.group_by_length = train.batch_size, train.seed, train.group_by_length
-        self.per_rank = math.ceil(len(lengths) / train.batch_size) // world
+        self.per_rank = math.ceil(len(lengths) / train.batch_size) // world  # micro-batches per epoch
         if self.per_rank == 0:
             raise StepFailure(
                 f"the train split has {len(lengths)} usable samples: fewer than one batch per rank "
@@ -41,19 +42,23 @@ class RankBatches(Sampler[list[int]]):
             )
         self.epoch = self.start = 0
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
+    def start_at(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
-    def __iter__(self) -> Iterator[list[int]]:
-        order = batches(self.lengths, self.batch_size, self.seed, self.epoch, self.group_by_length)
-        return iter(order[self.rank :: self.world][self.start : self.per_rank])
+    def share(self, epoch: int) -> list[list[int]]:
+        """This rank's micro-batches of `epoch`: every world-th of the seeded order, as many on every rank."""
+        order = batches(self.lengths, self.batch_size, self.seed, epoch, self.group_by_length)
+        return order[self.rank :: self.world][: self.per_rank]
 
-    def __len__(self) -> int:
-        return max(0, self.per_rank - self.start)
+    def __iter__(self) -> Iterator[list[int]]:
+        epoch, start = self.epoch, self.start
+        while True:
+            yield from self.share(epoch)[start:]
+            epoch, start = epoch + 1, 0
 
 
 def train_loader(dataset: SftDataset, processor, train: TrainParams, rank: int, world: int) -> DataLoader:
-    """Collated micro-batches of this rank; `epoch_batches` picks the epoch and the start."""
+    """Collated micro-batches of this rank; `stream` picks where they start."""
     workers = train.num_workers
     return DataLoader(
         dataset,
@@ -62,15 +67,14 @@ def train_loader(dataset: SftDataset, processor, train: TrainParams, rank: int, 
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
         prefetch_factor=PREFETCH if workers else None,
-        persistent_workers=workers > 0,
         # the loader seeds its workers from here, not from torch's global RNG (dropout's)
         generator=torch.Generator().manual_seed(train.seed),
     )
 
 
-def epoch_batches(loader: DataLoader, epoch: int, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-    """The loader's micro-batches of `epoch` from the start-th (those before were trained)."""
-    loader.batch_sampler.set_epoch(epoch, start)
+def stream(loader: DataLoader, epoch: int, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """The loader's micro-batches from the start-th of `epoch` on (those before were trained), endless."""
+    loader.batch_sampler.start_at(epoch, start)
     return iter(loader)
 
 

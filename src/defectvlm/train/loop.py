@@ -44,7 +44,7 @@ from defectvlm.train.checkpoints import (
 )
 from defectvlm.train.data import token_efficiency
 from defectvlm.train.distributed import init_distributed, mean_across_ranks
-from defectvlm.train.loader import WaitClock, epoch_batches, timed, train_loader
+from defectvlm.train.loader import WaitClock, stream, timed, train_loader
 from defectvlm.train.phases import param_groups, trainable_table
 from defectvlm.train.validation import to_device, validation_metrics
 
@@ -114,7 +114,7 @@ class Recipe:
             print_table(self.table, self.number)
         self.data = PhaseData.load(self.params, self.sft_dir, self.processor)
         self.loader = train_loader(self.data.train, self.processor, train, self.rank, self.world)
-        self.steps_per_epoch = max(1, len(self.loader.batch_sampler) // train.grad_accum)
+        self.steps_per_epoch = max(1, self.loader.batch_sampler.per_rank // train.grad_accum)
         self.total_steps = self.phase.max_steps or math.ceil(self.phase.epochs * self.steps_per_epoch)
         self.groups = param_groups(self.model, self.family, self.phase)
         optimizer = torch.optim.AdamW(
@@ -145,26 +145,25 @@ class Recipe:
     # --- train -------------------------------------------------------------------------
 
     def train(self) -> None:
-        """Epochs of this rank's micro-batches until the phase's number of optimizer steps."""
+        """Micro-batches, epoch after epoch, until the phase's number of optimizer steps."""
         if self.tracking and self.rank == 0:
             self.logger = self.tracking.phase_logger(self.params, self.number, self.table)
         started = time.perf_counter()
+        batches = timed(stream(self.loader, self.state.epoch, self.state.micro_in_epoch), self.running.data_wait)
         while self.state.global_step < self.total_steps:
-            self.train_epoch()
-        self.train_seconds = time.perf_counter() - started
-
-    def train_epoch(self) -> None:
-        """The current epoch from where it stopped; the next epoch after its last micro-batch."""
-        epoch, first = self.state.epoch, self.state.micro_in_epoch
-        loaded = timed(epoch_batches(self.loader, epoch, first), self.running.data_wait)
-        for micro, batch in enumerate(loaded, start=first):
-            stepped = self.micro_step(batch)
-            self.state.micro_in_epoch = micro + 1
+            stepped = self.micro_step(next(batches))
+            self.count_micro_batch()
             if stepped:
                 self.after_step()
-                if self.state.global_step >= self.total_steps:
-                    return
-        self.state.epoch, self.state.micro_in_epoch = epoch + 1, 0
+        batches.close()  # the loader's workers stop here
+        self.train_seconds = time.perf_counter() - started
+
+    def count_micro_batch(self) -> None:
+        """The position in the data order that a checkpoint saves: (epoch, micro-batches done in it)."""
+        state = self.state
+        if state.micro_in_epoch == self.loader.batch_sampler.per_rank:
+            state.epoch, state.micro_in_epoch = state.epoch + 1, 0
+        state.micro_in_epoch += 1
 
     def micro_step(self, batch: dict[str, torch.Tensor]) -> bool:
         """Forward and backward; True when this micro-batch completed an optimizer step."""
