@@ -12,16 +12,17 @@ MODEL_CODE = tuple(SRC + f"models/{f}.py" for f in ("attention", "families", "lo
 TRAIN_KEYS = tuple(
     f"train.{key}"
     for key in (
-        "output_dir", "deepspeed", "seed", "batch_size", "grad_accum", "max_length", "group_by_length",
+        "output_dir", "deepspeed", "seed", "batch_size", "grad_accum", "max_length", "group_by_length", "num_workers",
         "warmup_ratio", "weight_decay", "max_grad_norm", "gradient_checkpointing", "qlora", "logging_steps",
         "eval_steps", "save_steps", "save_total_limit", "metric_for_best_model", "greater_is_better", "lora",
     )
 )  # fmt: skip
+TRAIN_FILES = ("artifacts", "build", "checkpoints", "data", "distributed", "loader", "loop", "phases", "validation")
 # training picks its best checkpoint with the scoring pass (evaluate/), whose answers use the templates
 TRAIN_CODE = (
     *CORE,
     *MODEL_CODE,
-    *(SRC + f"train/{f}.py" for f in ("artifacts", "data", "distributed", "loop", "phases", "validation")),
+    *(SRC + f"train/{f}.py" for f in TRAIN_FILES),
     *(SRC + f"evaluate/{f}.py" for f in ("metrics", "scoring")),
     *(SRC + f"data/{f}.py" for f in ("images", "sft")),
     SRC + "data/templates",

@@ -112,7 +112,7 @@ def test_length_grouping_keeps_padding_low_and_covers_every_sample():
 
 
 def test_gradient_checkpointing_leaves_the_frozen_vision_tower_out_of_backward(sft_dir, tmp_path):
-    from defectvlm.train.loop import build_model
+    from defectvlm.train.build import build_model
 
     params = params_from_dict({"train": {"gradient_checkpointing": True, "output_dir": str(tmp_path)}})
     model, processor, family, _ = build_model(params, 1, params.train.phase1)

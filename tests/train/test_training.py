@@ -17,7 +17,9 @@ from defectvlm.models.tiny import build_tiny
 from defectvlm.tracking.lineage import file_md5
 from defectvlm.tracking.mlflow_tracking import MlflowTracking
 from defectvlm.train.artifacts import ADAPTER_FILE, PROMPT_FILE, load_trained
-from defectvlm.train.loop import build_model, fit_phase, weights_digest
+from defectvlm.train.build import build_model
+from defectvlm.train.distributed import weights_digest
+from defectvlm.train.loop import fit_phase
 from defectvlm.train.phases import apply_phase, canonical
 from tests.conftest import REPO, write_params
 from tests.train.conftest import train_overrides
@@ -166,3 +168,18 @@ def test_kill_9_mid_phase_then_resume_matches_an_uninterrupted_run(sft_dir, tmp_
     # tolerance: none. On CPU in fp32 the resumed run is bit-identical (weights digest equal).
     assert a["weights_digest_per_rank"] == b["weights_digest_per_rank"]
     assert a["history"] == b["history"]
+
+
+def test_worker_processes_change_nothing_that_is_trained(sft_dir, train_params):
+    """The same params with train.num_workers 0 and 2: the same batches, losses and weights
+    (LoRA dropout on: its masks come from the global RNG, which the loader must not draw from)."""
+    runs = []
+    for workers in (0, 2):
+        overrides = dict(batch_size=4, eval_steps=4, phase1={"max_steps": 8}, lora={"dropout": 0.1})
+        _, params = train_params(num_workers=workers, **overrides)  # 6 micro-batches an epoch: 8 cross into the next
+        runs.append(fit_phase(params, 1, sft_dir))
+    inline, workers = runs
+    assert len(inline["history"]) == 2 and inline["steps_per_epoch"] == 6
+    assert inline["history"] == workers["history"]
+    assert inline["weights_digest_per_rank"] == workers["weights_digest_per_rank"]
+    assert inline["tokens"] == workers["tokens"] and inline["token_efficiency"] == workers["token_efficiency"]

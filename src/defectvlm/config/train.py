@@ -74,6 +74,11 @@ class TrainParams(Section):
     grad_accum: Annotated[int, AtLeastOne] = Field(1, description="Micro-batches per optimizer step.")
     max_length: Annotated[int, AtLeastOne] = Field(4096, description="Longer samples are skipped and counted.")
     group_by_length: bool = Field(True, description="Batch samples of similar length together (less padding).")
+    num_workers: Annotated[int, NonNegative] = Field(
+        2,
+        description="DataLoader worker processes that decode and process the next batches' images (0: in the "
+        "training process).",
+    )
     warmup_ratio: Annotated[Float, OpenFraction] = Field(
         0.1, description="Share of steps with linear warm-up, then cosine decay."
     )
