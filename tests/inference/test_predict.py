@@ -285,3 +285,44 @@ def test_an_alias_alone_names_the_registered_model_of_the_params(tmp_path):
     assert _model(args) == ("models:/weld-line-3@champion", f"sqlite:///{tmp_path}/m.db")
     args.model = "runs/phase3"
     assert _model(args) == ("runs/phase3", None)
+
+
+def test_one_pass_judges_each_region_with_the_regions_before_it_normal(trained, images, monkeypatch):
+    """Threshold 0 flags every region; their P(abnormal) and classes all come from one call of
+    the scoring pass and equal the slow reference (one forward per alternative) of the answer
+    in which that region alone is abnormal."""
+    import defectvlm.inference.predict as predict_module
+    from defectvlm.inference.predict import ImageToJudge, judge_images
+    from defectvlm.inference.sources import Region
+    from tests.evaluate.test_scoring import slow_reference
+
+    loaded = load_model(trained[2])
+    config = loaded.config
+    path = str(images / good_names(images)[0])
+    width, height = load_image(path).size
+    boxes = [(2.0, 3.0, 300.0, 240.0), (400.0, 100.0, 900.0, 500.0), (10.0, 500.0, 200.0, 580.0)]
+    calls = []
+    score_samples = predict_module.score_samples
+    monkeypatch.setattr(predict_module, "score_samples", lambda *a, **k: calls.append(1) or score_samples(*a, **k))
+    judged = ImageToJudge(path, path, width, height, [Region(box, "test") for box in boxes])
+    record = judge_images(loaded, [judged], threshold=0.0)[0]
+    assert len(calls) == 1
+    for k, region in enumerate(record["regions"]):
+        labels = [("normal", None)] * len(boxes)
+        labels[k] = ("abnormal", config.classes[0])
+        sample = region_prompt_sample(
+            "alone",
+            path,
+            width,
+            height,
+            boxes,
+            labels,
+            config.prompt,
+            config.family,
+            config.min_pixels,
+            config.max_pixels,
+        )
+        expected = slow_reference(loaded.model, loaded.processor, sample, config.classes)[f"R{k + 1}"]
+        assert region["p_abnormal"] == pytest.approx(expected["score"], abs=1e-5)
+        assert region["class_probs"] == pytest.approx(expected["class_probs"], abs=1e-5)
+        assert region["cls"] == max(expected["class_probs"], key=expected["class_probs"].get)
