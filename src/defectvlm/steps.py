@@ -302,6 +302,7 @@ STEPS: dict[str, Step] = {
             (
                 *_CORE,
                 _SRC + "evaluate/run.py",
+                _SRC + "serve/pyfunc.py",
                 _SRC + "train/artifacts.py",
                 *(_SRC + f"tracking/{f}.py" for f in ("lineage", "mlflow_tracking", "registry")),
             ),
