@@ -25,9 +25,15 @@ def tiny():
     return build_tiny(MIN_PIXELS, MAX_PIXELS)
 
 
-def chunk_samples(sft_dir, labelled: list[list[tuple[str, str | None]]], class_answers: bool = False) -> list[dict]:
+def chunk_samples(
+    sft_dir,
+    labelled: list[list[tuple[str, str | None]]],
+    class_answers: bool = False,
+    family: str = "qwen2_5_vl",
+    pixels: tuple[int, int] = (MIN_PIXELS, MAX_PIXELS),
+) -> list[dict]:
     """Predict's samples for one test image: one chunk of boxes per entry of `labelled` (its
-    regions' labels), built by predict's own prompt builder."""
+    regions' labels), built by predict's own prompt builder in the frame of `family`."""
     sft = load_params(REPO / "params.yaml").sft
     classes = read_json(sft_dir / "sft_summary.json")["classes"]
     prompt = prompt_config(sft, load_templates(sft), load_knowledge(sft), classes, read_jsonl(sft_dir / "train.jsonl"))
@@ -38,9 +44,7 @@ def chunk_samples(sft_dir, labelled: list[list[tuple[str, str | None]]], class_a
         boxes = [(10 + 40 * k, 5 + 30 * number, 60 + 40 * k, 45 + 30 * number) for k in range(len(labels))]
 
         def build(chosen, name=f"chunk{number}", boxes=boxes):
-            return region_prompt_sample(
-                name, path, width, height, boxes, chosen, prompt, "qwen2_5_vl", MIN_PIXELS, MAX_PIXELS
-            )
+            return region_prompt_sample(name, path, width, height, boxes, chosen, prompt, family, *pixels)
 
         sample = build(labels)
         if class_answers:
