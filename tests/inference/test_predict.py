@@ -247,7 +247,10 @@ def test_serve_sends_the_model_the_prompts_predict_sends_and_answers_the_same_re
     grid_predicted, grid_prompts = by_predict()
     boxes_predicted, boxes_prompts = by_predict("--regions", boxes_file)
     picture = b64((one / name).read_bytes())
-    app = create_app(ServeParams(), lambda: load_scorer(str(folder), load_params(REPO / "params.yaml")))
+    # the grid is many prompts: a loaded CI machine needs more than the default 30 s request timeout
+    app = create_app(
+        ServeParams(request_timeout_s=600), lambda: load_scorer(str(folder), load_params(REPO / "params.yaml"))
+    )
     with running(app) as url:
         grid_served, grid_served_prompts = by_serve(url, {"image": picture})
         boxes_served, boxes_served_prompts = by_serve(url, {"image": picture, "boxes": [{"xyxy": b} for b in boxes]})

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import requests
@@ -23,7 +24,8 @@ def test_mlflow_models_serve_answers_per_region_rows_of_the_registered_version(w
     version = register(workspace)
     params = load_params(workspace / "params.yaml")
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": params.tracking.uri, "OMP_NUM_THREADS": "1"}
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # MLflow execs `uvicorn`
+    env = {**os.environ, "MLFLOW_TRACKING_URI": params.tracking.uri, "OMP_NUM_THREADS": "1", "PATH": path}
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@candidate"]
     server = subprocess.Popen(
         [*command, "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
@@ -34,7 +36,7 @@ def test_mlflow_models_serve_answers_per_region_rows_of_the_registered_version(w
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 600  # a loaded machine
         while True:
             assert server.poll() is None, server.stderr.read().decode()[-3000:]
             assert time.monotonic() < deadline, "mlflow models serve did not become ready"
