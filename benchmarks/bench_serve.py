@@ -52,12 +52,12 @@ def start(settings: list[str]) -> tuple[subprocess.Popen, str]:
     env.pop("DEFECTVLM_SERVE_TOKEN", None)
     server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         try:
-            if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
+            if requests.get(f"{url}/readyz", timeout=10).status_code == 200:
                 return server, url
-        except requests.ConnectionError:
+        except (requests.ConnectionError, requests.Timeout):  # not listening yet, or busy loading (a loaded machine)
             pass
         time.sleep(0.5)
     server.kill()

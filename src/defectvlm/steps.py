@@ -283,10 +283,11 @@ STEPS: dict[str, Step] = {
                 ),
                 *_phases(4),
             ),
-            (*reads.DATA_KEYS, "registry.model_name", "tracking", "train.output_dir", *reads.PHASES_ENABLED),
+            (*reads.DATA_KEYS, "registry.model_name", "serve", "tracking", "train.output_dir", *reads.PHASES_ENABLED),
             (
                 *reads.CORE,
                 reads.SRC + "evaluate/run.py",
+                reads.SRC + "serve/pyfunc.py",
                 reads.SRC + "train/artifacts.py",
                 *(reads.SRC + f"tracking/{f}.py" for f in ("lineage", "mlflow_tracking", "registry")),
             ),

@@ -247,7 +247,10 @@ def test_serve_sends_the_model_the_prompts_predict_sends_and_answers_the_same_re
     grid_predicted, grid_prompts = by_predict()
     boxes_predicted, boxes_prompts = by_predict("--regions", boxes_file)
     picture = b64((one / name).read_bytes())
-    app = create_app(ServeParams(), lambda: load_scorer(str(folder), load_params(REPO / "params.yaml")))
+    # the grid is many prompts: a loaded CI machine needs more than the default 30 s request timeout
+    app = create_app(
+        ServeParams(request_timeout_s=600), lambda: load_scorer(str(folder), load_params(REPO / "params.yaml"))
+    )
     with running(app) as url:
         grid_served, grid_served_prompts = by_serve(url, {"image": picture})
         boxes_served, boxes_served_prompts = by_serve(url, {"image": picture, "boxes": [{"xyxy": b} for b in boxes]})
@@ -302,3 +305,44 @@ def test_a_registration_record_names_the_version_it_registered(tmp_path, capsys)
     images = tmp_path / "none"
     assert predict(tmp_path / "o", record, "--images", images, "--params", tmp_path / "params.yaml") == 1
     assert f"{record}: not a registration record" in capsys.readouterr().err
+
+
+def test_one_pass_judges_each_region_with_the_regions_before_it_normal(trained, images, monkeypatch):
+    """Threshold 0 flags every region; their P(abnormal) and classes all come from one call of
+    the scoring pass and equal the slow reference (one forward per alternative) of the answer
+    in which that region alone is abnormal."""
+    import defectvlm.inference.predict as predict_module
+    from defectvlm.inference.predict import ImageToJudge, judge_images
+    from defectvlm.inference.sources import Region
+    from tests.evaluate.test_scoring import slow_reference
+
+    loaded = load_model(trained[2])
+    config = loaded.config
+    path = str(images / good_names(images)[0])
+    width, height = load_upright(path).size
+    boxes = [(2.0, 3.0, 300.0, 240.0), (400.0, 100.0, 900.0, 500.0), (10.0, 500.0, 200.0, 580.0)]
+    calls = []
+    score_samples = predict_module.score_samples
+    monkeypatch.setattr(predict_module, "score_samples", lambda *a, **k: calls.append(1) or score_samples(*a, **k))
+    judged = ImageToJudge(path, path, width, height, [Region(box, "test") for box in boxes])
+    record = judge_images(loaded, [judged], threshold=0.0)[0]
+    assert len(calls) == 1
+    for k, region in enumerate(record["regions"]):
+        labels = [("normal", None)] * len(boxes)
+        labels[k] = ("abnormal", config.classes[0])
+        sample = region_prompt_sample(
+            "alone",
+            path,
+            width,
+            height,
+            boxes,
+            labels,
+            config.prompt,
+            config.family,
+            config.min_pixels,
+            config.max_pixels,
+        )
+        expected = slow_reference(loaded.model, loaded.processor, sample, config.classes)[f"R{k + 1}"]
+        assert region["p_abnormal"] == pytest.approx(expected["score"], abs=1e-5)
+        assert region["class_probs"] == pytest.approx(expected["class_probs"], abs=1e-5)
+        assert region["cls"] == max(expected["class_probs"], key=expected["class_probs"].get)

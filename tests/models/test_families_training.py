@@ -69,3 +69,27 @@ def test_the_scoring_pass_runs_on_every_family(name, family_sft):
     rows = score_samples(model, processor, chosen, classes, batch_size=2)
     assert len(rows) == sum(len(s["meta"]["regions"]) for s in chosen)
     assert all(0 <= row["score"] <= 1 for row in rows)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_prompts_about_one_image_share_its_prefix_and_score_as_alone(name, family_sft):
+    """Predict's chunks of one image (same system prompt and whole image) in one batch: the
+    prefix is shared, and the scores are those of one sample per batch (nothing shared)."""
+    from defectvlm.evaluate.shared_prefix import collate_shared
+    from tests.evaluate.test_shared_prefix import chunk_samples
+    from tests.models.conftest import MAX_PIXELS, MIN_PIXELS
+
+    model, processor = tiny(name)
+    sft, _ = family_sft(name)
+    classes = json.loads((sft / "sft_summary.json").read_text(encoding="utf-8"))["classes"]
+    labelled = [[("normal", None), ("abnormal", classes[0])], [("normal", None)] * 3]
+    samples = chunk_samples(sft, labelled, True, name, (MIN_PIXELS, MAX_PIXELS))
+    dataset = SftDataset(samples, processor)
+    _, shared = collate_shared(processor, Collator(processor), [dataset[0], dataset[1]])
+    assert shared is not None and shared.group == [0, 0]
+    together = score_samples(model, processor, samples, classes, batch_size=2)
+    alone = score_samples(model, processor, samples, classes, batch_size=1)
+    assert len(together) == 5 and all(row["class_probs"] for row in together)
+    for mine, theirs in zip(together, alone, strict=True):
+        assert mine["score"] == pytest.approx(theirs["score"], abs=1e-5)
+        assert mine["class_probs"] == pytest.approx(theirs["class_probs"], abs=1e-5)

@@ -1,4 +1,5 @@
-"""`mlflow models serve` of the logged pyfunc, for real on loopback: start it, POST, check."""
+"""`mlflow models serve -m models:/<name>@candidate` of the version `register` wrote, for real on
+loopback: start it, POST, check the rows against the same version scored in-process."""
 
 from __future__ import annotations
 
@@ -6,29 +7,28 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-import mlflow
 import pytest
 import requests
 
 from defectvlm.config import load_params
-from defectvlm.serve.pyfunc import log_inspection_model
-from tests.conftest import REPO
+from defectvlm.serve.model import ImageInput, load_scorer
 from tests.serve.conftest import b64, free_port, image_bytes
+from tests.tracking.conftest import evaluated, workspace  # noqa: F401 - fixtures
+from tests.tracking.test_registry import NAME, register
 
 
 @pytest.mark.slow
-def test_mlflow_models_serve_answers_per_region_rows(tmp_path):
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.set_tracking_uri(tracking_uri)
-    experiment = mlflow.create_experiment("pyfunc", artifact_location=(tmp_path / "artifacts").as_uri())
-    with mlflow.start_run(experiment_id=experiment):
-        info = log_inspection_model("base", load_params(REPO / "params.yaml"))
+def test_mlflow_models_serve_answers_per_region_rows_of_the_registered_version(workspace):  # noqa: F811
+    version = register(workspace)
+    params = load_params(workspace / "params.yaml")
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", info.model_uri, "--env-manager", "local"]
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"  # MLflow execs `uvicorn`
+    env = {**os.environ, "MLFLOW_TRACKING_URI": params.tracking.uri, "OMP_NUM_THREADS": "1", "PATH": path}
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{NAME}@candidate"]
     server = subprocess.Popen(
-        [*command, "--host", "127.0.0.1", "--port", str(port)],
+        [*command, "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -36,7 +36,7 @@ def test_mlflow_models_serve_answers_per_region_rows(tmp_path):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 600  # a loaded machine
         while True:
             assert server.poll() is None, server.stderr.read().decode()[-3000:]
             assert time.monotonic() < deadline, "mlflow models serve did not become ready"
@@ -46,17 +46,29 @@ def test_mlflow_models_serve_answers_per_region_rows(tmp_path):
             except requests.ConnectionError:
                 pass
             time.sleep(0.5)
+        pictures = [image_bytes(), image_bytes((80, 60), seed=2)]
         records = [
-            {"image": b64(image_bytes()), "boxes": '[{"xyxy": [1, 1, 30, 30]}, {"xyxy": [40, 5, 90, 60]}]'},
-            {"image": b64(image_bytes((80, 60), seed=2)), "boxes": None},
+            {"image": b64(pictures[0]), "boxes": '[{"xyxy": [1, 1, 30, 30]}, {"xyxy": [40, 5, 90, 60]}]'},
+            {"image": b64(pictures[1]), "boxes": None},  # no boxes: predict's default grid
         ]
-        response = requests.post(f"{url}/invocations", json={"dataframe_records": records}, timeout=120)
+        response = requests.post(f"{url}/invocations", json={"dataframe_records": records}, timeout=300)
         assert response.status_code == 200, response.text
         rows = response.json()["predictions"]
-        # the second image has no boxes: predict's default grid (quarter-image windows for the base)
-        assert [(r["image_index"], r["region"]) for r in rows] == [(0, 1), (0, 2)] + [(1, i) for i in range(1, 17)]
-        assert rows[0]["xyxy"] == [1, 1, 30, 30] and rows[2]["xyxy"] == [0, 0, 20, 15]
-        assert all(0 <= r["p_abnormal"] <= 1 and r["uri"] == "base" and r["version"] is None for r in rows)
+
+        # the registered version itself (not the base), as `defectvlm serve` and `predict` judge it
+        scorer = load_scorer(f"models:/{NAME}/{version}", params)
+        inputs = [
+            ImageInput(pictures[0], 96, 64, [[1, 1, 30, 30], [40, 5, 90, 60]]),
+            ImageInput(pictures[1], 80, 60, None),
+        ]
+        expected = [(i, region) for i, record in enumerate(scorer.score(inputs)) for region in record["regions"]]
+        assert len(expected) > 2 + 8  # the grid needs more than one prompt
+        assert [(r["image_index"], r["region"]) for r in rows] == [(i, region["id"]) for i, region in expected]
+        for row, (_, region) in zip(rows, expected, strict=True):
+            assert row["xyxy"] == region["xyxy"]
+            assert (row["cls"] if isinstance(row["cls"], str) else None) == region["cls"]  # pandas: NaN for None
+            assert row["p_abnormal"] == pytest.approx(region["p_abnormal"], abs=1e-6)
+        assert {(r["uri"], r["version"]) for r in rows} == {(f"models:/{NAME}/{version}", version)}
         for image_index in (0, 1):
             mine = [r for r in rows if r["image_index"] == image_index]
             assert {r["image_score"] for r in mine} == {max(r["p_abnormal"] for r in mine)}

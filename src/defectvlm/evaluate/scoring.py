@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from defectvlm.errors import StepFailure
+from defectvlm.evaluate.shared_prefix import SharedPrefix, additive_mask, collate_shared, shared_forward
 from defectvlm.train.data import IGNORE_INDEX, Collator, SftDataset
 
 LABEL_WORDS = (("abnormal", "normal"), ("异常", "正常"))  # (abnormal, normal) per answer language
@@ -117,12 +118,14 @@ def decision_branches(tokenizer, decision: Decision, turn_ids: list[int]) -> tup
 
 
 def _with_branches(
-    inputs: dict, branches: list[Branch], pad_id: int, dtype: torch.dtype, positions: torch.Tensor
-) -> tuple[dict, list[int]]:
+    inputs: dict, branches: list[Branch], pad_id: int, positions: torch.Tensor
+) -> tuple[dict, torch.Tensor, list[int]]:
     """The batch with every branch appended after its row: a branch sees its row's tokens before
     its start and its own earlier tokens, at the positions its tokens would have in place.
     `positions`: the model's own position ids of the batch, (rows, length) or, for M-RoPE,
-    (sections, rows, length); a branch is text, so its j-th token sits at its start's position + j."""
+    (sections, rows, length); a branch is text, so its j-th token sits at its start's position + j.
+    Returns the batch (without its attention mask), which tokens each token sees (rows, length,
+    length) and where each branch was placed."""
     input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"].bool()
     rows, length = input_ids.shape
     used = [0] * rows
@@ -146,13 +149,13 @@ def _with_branches(
         allowed[branch.row, span, : branch.start] = attention_mask[branch.row, : branch.start]
         allowed[branch.row, span, span] = torch.ones(n, n, dtype=torch.bool).tril()
     allowed |= torch.eye(total, dtype=torch.bool)  # padding attends to itself: no empty softmax row
-    mask = torch.zeros(rows, 1, total, total, dtype=dtype).masked_fill(~allowed[:, None], torch.finfo(dtype).min)
-    extended = {**inputs, "input_ids": ids, "attention_mask": mask, "position_ids": extended_positions}
+    extended = {**inputs, "input_ids": ids, "position_ids": extended_positions}
+    del extended["attention_mask"]
     if "mm_token_type_ids" in inputs:  # branch tokens are text (type 0)
         types = torch.zeros((rows, total), dtype=inputs["mm_token_type_ids"].dtype)
         types[:, :length] = inputs["mm_token_type_ids"]
         extended["mm_token_type_ids"] = types
-    return extended, placed
+    return extended, allowed, placed
 
 
 def model_positions(model, inputs: dict) -> torch.Tensor:
@@ -177,17 +180,17 @@ def model_positions(model, inputs: dict) -> torch.Tensor:
     return torch.arange(length).repeat(rows, 1)
 
 
-def branch_logprobs(model, inputs: dict, branches: list[Branch], pad_id: int) -> list[float]:
+def branch_logprobs(
+    model, inputs: dict, branches: list[Branch], pad_id: int, shared: SharedPrefix | None = None
+) -> list[float]:
     """log P(branch tokens | its row before its start) for every branch: one forward of the
-    language model and one LM-head call, whatever the number of branches."""
+    language model (two with a `shared` prefix: the prefixes, then the rest) and one LM-head
+    call, whatever the number of branches."""
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    inputs = {k: v.to(device) for k, v in inputs.items()}
-    extended, placed = _with_branches(
-        {k: v.cpu() for k, v in inputs.items()}, branches, pad_id, dtype, model_positions(model, inputs)
-    )
-    extended = {k: v.to(device) for k, v in extended.items()}
-    extended["pixel_values"] = extended["pixel_values"].to(dtype)
+    cpu = {k: v.cpu() for k, v in inputs.items()}
+    positions = model_positions(model, {k: v.to(device) for k, v in inputs.items() if k != "pixel_values"})
+    extended, allowed, placed = _with_branches(cpu, branches, pad_id, positions)
     rows, predecessors, targets, owners = [], [], [], []
     for index, (branch, at) in enumerate(zip(branches, placed, strict=True)):
         for j, token in enumerate(branch.tokens):
@@ -195,9 +198,17 @@ def branch_logprobs(model, inputs: dict, branches: list[Branch], pad_id: int) ->
             predecessors.append(branch.start - 1 if j == 0 else at + j - 1)
             targets.append(token)
             owners.append(index)
-    hidden = _causal_lm(model).model(**extended).last_hidden_state
+    lm = _causal_lm(model)
+    if shared is None:
+        extended["attention_mask"] = additive_mask(allowed, dtype)
+        extended = {k: v.to(device) for k, v in extended.items()}
+        extended["pixel_values"] = extended["pixel_values"].to(dtype)
+        hidden = lm.model(**extended).last_hidden_state
+    else:
+        hidden, offsets = shared_forward(lm, extended, allowed, shared, pad_id, device, dtype)
+        predecessors = [p - offsets[r] for r, p in zip(rows, predecessors, strict=True)]
     picked = hidden[_long(rows, hidden.device), _long(predecessors, hidden.device)]
-    logprobs = torch.log_softmax(_causal_lm(model).lm_head(picked).float(), dim=-1)
+    logprobs = torch.log_softmax(lm.lm_head(picked).float(), dim=-1)
     chosen = logprobs.gather(1, _long(targets, logprobs.device)[:, None])[:, 0].cpu()
     sums = torch.zeros(len(branches), dtype=torch.float64)
     sums.index_add_(0, _long(owners, "cpu"), chosen.double())
@@ -214,7 +225,12 @@ def score_samples(
 ) -> list[dict]:
     """Per region of this rank's share (`shard` = (rank, world); samples rank, rank + world, ...):
     score = P(abnormal), class probabilities (true abnormal regions), truth. Every rank runs the
-    same number of batches: one whose share is shorter scores a filler batch and drops it."""
+    same number of batches: one whose share is shorter scores a filler batch and drops it.
+
+    A sample's `meta.class_answers` (region id -> an answer in which that region is abnormal)
+    adds the class distribution of regions its own answer calls normal: the whole alternative
+    lines (`Rk: abnormal | <class>` and what ends them) branch off its answer where that region's
+    label word starts, so P(abnormal) and the class come from the same forward (predict)."""
     if not samples:
         return []
     rank, world = shard
@@ -230,21 +246,19 @@ def score_samples(
     for k in range(batches):
         chunk = list(range(k * batch_size, min((k + 1) * batch_size, len(mine))))
         indices = chunk or [0]
-        scored = _score_batch(
-            model,
-            tokenizer,
-            collate([dataset[i] for i in indices]),
-            [dataset.samples[i] for i in indices],
-            classes,
-            turn_end,
-        )
+        items = [dataset[i] for i in indices]
+        # ranks of a sharded pass must run the same forwards (ZeRO-3 gathers on each): no sharing
+        batch, shared = collate_shared(processor, collate, items) if world == 1 else (collate(items), None)
+        scored = _score_batch(model, tokenizer, batch, shared, [dataset.samples[i] for i in indices], classes, turn_end)
         if chunk:
             rows += scored
     model.train(was_training)
     return rows
 
 
-def _score_batch(model, tokenizer, batch: dict, samples: list[dict], classes: list[str], turn_end: str) -> list[dict]:
+def _score_batch(
+    model, tokenizer, batch: dict, shared: SharedPrefix | None, samples: list[dict], classes: list[str], turn_end: str
+) -> list[dict]:
     labels = batch.pop("labels")
     branches: list[Branch] = []
     wanted = []  # (row, region, label decision's first branch, class decision's first branch or None)
@@ -253,6 +267,9 @@ def _score_batch(model, tokenizer, batch: dict, samples: list[dict], classes: li
         turn_start = int(in_turn.nonzero()[0])
         turn_ids = batch["input_ids"][row][in_turn].tolist()
         decisions = answer_decisions(sample["messages"][2]["content"], classes, turn_end)
+        for rid, answer in sample["meta"].get("class_answers", {}).items():
+            if (rid, "class") not in decisions and classes:
+                decisions[rid, "class"] = answer_decisions(answer, classes, turn_end)[rid, "class"]
         for region in sample["meta"]["regions"]:
             if (region["rid"], "label") not in decisions:
                 raise StepFailure(
@@ -268,7 +285,7 @@ def _score_batch(model, tokenizer, batch: dict, samples: list[dict], classes: li
                     branches += [Branch(row, turn_start + start, t) for t in tokens]
             wanted.append((row, region, *firsts))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    logprobs = torch.tensor(branch_logprobs(model, batch, branches, pad_id))
+    logprobs = torch.tensor(branch_logprobs(model, batch, branches, pad_id, shared))
     rows = []
     for row, region, label_at, class_at in wanted:
         pair = torch.softmax(logprobs[label_at : label_at + 2], dim=0)

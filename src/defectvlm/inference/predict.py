@@ -5,12 +5,14 @@ serve on the uploads of a dynamic batch, and both return the same records.
 Each image's candidate regions are put in the model's frame and the prompt is built by
 the training code's own `build_sample` (the evaluation prompt: first system prompt, the
 `detect` question, the `<regions>` block), in chunks of at most the training maximum of
-regions per prompt. Scores come from the batched scoring pass (no generation):
-
-1. every region's answer line is teacher-forced as `normal`: P(abnormal) of each region,
-   judged with the regions before it called normal (what most regions are);
-2. images with a region at or above the threshold are scored again with those regions
-   forced `abnormal | <class>`: the class distribution of every flagged region.
+regions per prompt. Scores come from one batched scoring pass (no generation): every
+region's answer line is teacher-forced as `normal`, so each region is judged with the regions
+before it called normal (what most regions are); at each region's label word the pass scores
+`abnormal` against `normal` (P(abnormal), as `evaluate` does, so the threshold chosen on val
+applies) and every whole line `abnormal | <class>` (the class distribution), all in the same
+forward. A region at or above the threshold is flagged and reported with its classes. The
+chunks of an image share the system prompt and the whole image, which are encoded once per
+batch (evaluate/shared_prefix.py).
 
 Same images, regions and model give byte-identical outputs.
 """
@@ -150,27 +152,27 @@ def judge_images(
             config.max_pixels,
         )
 
-    normal = [sample(c, [("normal", None)] * len(c.boxes)) for c in chunks]
-    first_pass = _score(loaded, normal, batch_size, progress, "scoring regions")
-    flagged = {key for key, row in first_pass.items() if row["score"] >= threshold}
-    again = []
+    samples = []
     for chunk in chunks:
-        labels = [
-            ("abnormal", config.classes[0]) if (chunk.sample_id, f"R{k}") in flagged else ("normal", None)
-            for k in range(1, len(chunk.boxes) + 1)
-        ]
-        if any(label == "abnormal" for label, _ in labels) and config.classes:
-            again.append(sample(chunk, labels))
-    second_pass = _score(loaded, again, batch_size, progress, "classifying flagged regions")
+        normal = [("normal", None)] * len(chunk.boxes)
+        judged = sample(chunk, normal)
+        if config.classes:  # each region's abnormal line, to score its class in the same forward
+            judged["meta"]["class_answers"] = {
+                f"R{k + 1}": sample(chunk, [*normal[:k], ("abnormal", config.classes[0]), *normal[k + 1 :]])[
+                    "messages"
+                ][2]["content"]
+                for k in range(len(chunk.boxes))
+            }
+        samples.append(judged)
+    scored = _score(loaded, samples, batch_size, progress, "scoring regions")
 
     regions = [[None] * len(image_boxes) for image_boxes in boxes]
     for chunk in chunks:
         for k in range(len(chunk.boxes)):
-            key = (chunk.sample_id, f"R{k + 1}")
+            row = scored[chunk.sample_id, f"R{k + 1}"]
             index = chunk.first + k
             candidate = images[chunk.image].candidates[index]
-            second = second_pass.get(key) if key in flagged else None
-            regions[chunk.image][index] = _region(index, candidate, chunk.boxes[k], first_pass[key], second)
+            regions[chunk.image][index] = _region(index, candidate, chunk.boxes[k], row, row["score"] >= threshold)
     model = {"uri": config.uri, "version": (config.registry or {}).get("version")}
     return [_record(image, found, threshold, model) for image, found in zip(images, regions, strict=True)]
 
@@ -189,12 +191,12 @@ def _record(image: ImageToJudge, regions: list[dict], threshold: float, model: d
     }
 
 
-def _region(index: int, candidate: Region, box: tuple, first: dict, second: dict | None) -> dict:
-    class_probs = second.get("class_probs") if second else None
+def _region(index: int, candidate: Region, box: tuple, scored: dict, flagged: bool) -> dict:
+    class_probs = scored.get("class_probs") if flagged else None
     return {
         "id": index + 1,
         "xyxy": [round(v, 1) for v in box],
-        "p_abnormal": round(first["score"], 6),
+        "p_abnormal": round(scored["score"], 6),
         "cls": max(class_probs, key=class_probs.get) if class_probs else None,
         "class_probs": class_probs,
         "proposal": {"score": candidate.score, "cls": candidate.cls, "from": candidate.where},

@@ -87,14 +87,14 @@ class Scorer:
         return self.loaded.processor.tokenizer.decode(tokens, skip_special_tokens=True), len(tokens)
 
 
-def load_scorer(uri: str, params: Params, device: str | None = None) -> Scorer:
+def load_scorer(uri: str, params: Params, device: str | None = None, tracking_uri: str | None = None) -> Scorer:
     """A Scorer for `uri`: `base`, or anything `defectvlm.load_model` accepts (registry URIs
-    are asked of `params.tracking.uri`)."""
+    are asked of `tracking_uri`, default `params.tracking.uri`)."""
     if uri == BASE_URI:
         return Scorer(base_model(params), BASE_THRESHOLD)
     from defectvlm import load_model
 
-    loaded = load_model(uri, device=device, tracking_uri=params.tracking.uri)
+    loaded = load_model(uri, device=device, tracking_uri=tracking_uri or params.tracking.uri)
     threshold = loaded.config.threshold
     if threshold is None:
         log.warning("%s has no threshold (no inference.json): judging at %s", uri, BASE_THRESHOLD)

@@ -7,11 +7,19 @@ Input: a DataFrame with `image` (base64) and optional `boxes` (a JSON list of
 `{"xyxy": [...]}`, as /v1/inspect takes it). Output: one row per region, the image's
 predictions.jsonl record flattened as predictions.csv flattens it (`verdict` and `image_score`
 are the image's), with the image's index, the class probabilities as JSON and the model.
-The model config holds the served model's URI and the params it was registered with."""
+The model config holds the served model's URI and the params it was registered with.
+
+`register` writes this model into every registered version's folder, next to the adapter
+(`save_inspection_model`), with the version's own URI (`models:/<name>/<version>`) in its
+config: `mlflow models serve -m models:/<name>@champion` then serves that version, asking the
+registry at MLFLOW_TRACKING_URI (which serving from the registry needs anyway; else the
+registered params' `tracking.uri`), and every row names the version."""
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -38,7 +46,8 @@ class InspectionModel(mlflow.pyfunc.PythonModel):
 
         config = context.model_config
         self.params = params_from_dict(config["params"])
-        self.scorer = load_scorer(config["model"], self.params)
+        tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or self.params.tracking.uri
+        self.scorer = load_scorer(config["model"], self.params, tracking_uri=tracking_uri)
 
     def predict(self, context, model_input, params=None):
         import pandas as pd
@@ -77,16 +86,32 @@ class InspectionModel(mlflow.pyfunc.PythonModel):
         return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
-def log_inspection_model(model_uri: str, params, name: str = "inspection"):
-    """Log the pyfunc into the active MLflow run; returns MLflow's ModelInfo."""
+def save_inspection_model(path: Path, model_uri: str, params) -> Path:
+    """Write the pyfunc (MLmodel, this file as its code, requirements) into the new folder `path`.
+    Its config keeps the params sections it reads: `serve` (input limits) and `tracking` (the
+    registry), and for the untrained `base` (demo, tests) all of them (model, prompt, classes)."""
     from defectvlm.config import params_to_dict
+    from defectvlm.serve.model import BASE_URI
 
-    return mlflow.pyfunc.log_model(
-        name=name,
+    if model_uri == BASE_URI:
+        sections = params_to_dict(params)
+    else:
+        sections = {"serve": params_to_dict(params.serve), "tracking": params_to_dict(params.tracking)}
+    mlflow.pyfunc.save_model(
+        path=str(path),
         python_model=str(Path(__file__)),
-        model_config={"model": model_uri, "params": params_to_dict(params)},
+        model_config={"model": model_uri, "params": sections},
         pip_requirements=["defectvlm"],  # what the serving image installs; also skips MLflow's inference run
     )
+    return path
+
+
+def log_inspection_model(model_uri: str, params, artifact_path: str = "inspection") -> str:
+    """Log the pyfunc into `artifact_path` of the active MLflow run (files already there stay:
+    `register` adds it to the adapter's folder); returns the folder's artifact URI."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mlflow.log_artifacts(str(save_inspection_model(Path(tmp) / "model", model_uri, params)), artifact_path)
+    return mlflow.get_artifact_uri(artifact_path)
 
 
 mlflow.models.set_model(InspectionModel())

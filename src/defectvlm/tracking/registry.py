@@ -2,7 +2,9 @@
 
 `register` adds the evaluated adapter as a new version of `registry.model_name`: the
 adapter files only (the base model is recorded by id or path, never copied), its inference
-config (threshold chosen on val), test metrics, data digests and git commit as version tags,
+config (threshold chosen on val) and, in the same folder, the MLflow pyfunc that serves this
+version (serve/pyfunc.py; `mlflow models serve -m models:/<name>@<alias>`); test metrics, data
+digests and git commit as version tags,
 and points the `candidate` alias at it unless the candidate already comes from a later
 pipeline run (a slow registration never moves it back). `promote` moves an alias (e.g.
 `champion`) to a version when it passes `registry.gates` and matches or beats the current
@@ -69,6 +71,8 @@ def register(params: Params, best: Path, reports: Path, sft_dir: Path) -> Regist
     """Register `best` (a phase's best/ folder) with the evaluation in `reports`."""
     from mlflow.exceptions import MlflowException
 
+    from defectvlm.serve.pyfunc import log_inspection_model
+
     metrics = read_json_file(reports / "metrics.json")
     inference = read_json_file(reports / "inference.json")
     if Path(metrics["run"]) != best.parent:
@@ -107,6 +111,8 @@ def register(params: Params, best: Path, reports: Path, sft_dir: Path) -> Regist
                 raise
         version = client.create_model_version(params.registry.model_name, source, run_id=run_id, tags=tags)
         _wait_ready(client, params.registry.model_name, version.version)
+        # the version's folder is also an MLflow pyfunc of itself: `mlflow models serve -m models:/...`
+        log_inspection_model(f"models:/{params.registry.model_name}/{version.version}", params, ADAPTER_PATH)
         candidate = _move_candidate_forward(client, params.registry.model_name, version.version)
         mlflow.set_tags({"registered.name": params.registry.model_name, "registered.version": version.version})
     return Registration(params.registry.model_name, version.version, run_id, pipeline, source, candidate)
