@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from defectvlm.config import load_params
+from defectvlm.data.images import load_upright
 from defectvlm.data.sft import load_knowledge, load_templates
 from defectvlm.evaluate.scoring import score_samples
 from defectvlm.evaluate.shared_prefix import collate_shared
@@ -13,7 +14,7 @@ from defectvlm.inference.predict import region_prompt_sample
 from defectvlm.io import read_jsonl
 from defectvlm.models.tiny import build_tiny
 from defectvlm.train.artifacts import prompt_config
-from defectvlm.train.data import Collator, SftDataset, load_image
+from defectvlm.train.data import Collator, SftDataset
 from tests.conftest import REPO, read_json
 from tests.evaluate.test_scoring import slow_reference
 
@@ -38,7 +39,7 @@ def chunk_samples(
     classes = read_json(sft_dir / "sft_summary.json")["classes"]
     prompt = prompt_config(sft, load_templates(sft), load_knowledge(sft), classes, read_jsonl(sft_dir / "train.jsonl"))
     path = read_jsonl(sft_dir / "test.jsonl")[0]["images"][0]
-    width, height = load_image(path).size
+    width, height = load_upright(path).size
     samples = []
     for number, labels in enumerate(labelled):
         boxes = [(10 + 40 * k, 5 + 30 * number, 60 + 40 * k, 45 + 30 * number) for k in range(len(labels))]
