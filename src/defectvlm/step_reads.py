@@ -23,7 +23,7 @@ TRAIN_CODE = (
     *CORE,
     *MODEL_CODE,
     *(SRC + f"train/{f}.py" for f in TRAIN_FILES),
-    *(SRC + f"evaluate/{f}.py" for f in ("metrics", "scoring")),
+    *(SRC + f"evaluate/{f}.py" for f in ("metrics", "scoring", "shared_prefix")),
     *(SRC + f"data/{f}.py" for f in ("images", "sft")),
     SRC + "data/templates",
 )
@@ -39,6 +39,7 @@ SCORING_CODE = (
     *(SRC + f"inference/{f}.py" for f in ("loading", "predict", "sources")),
     *(SRC + f"train/{f}.py" for f in ("artifacts", "data")),
     *(SRC + f for f in ("data/images.py", "data/sft.py", "data/templates", "evaluate/scoring.py", "seeding.py")),
+    SRC + "evaluate/shared_prefix.py",
 )
 PREDICT_CODE = (
     *SCORING_CODE,

@@ -207,7 +207,7 @@ STEPS: dict[str, Step] = {
             (
                 *reads.CORE,
                 *reads.MODEL_CODE,
-                *(reads.SRC + f"evaluate/{f}.py" for f in ("metrics", "report", "run", "scoring")),
+                *(reads.SRC + f"evaluate/{f}.py" for f in ("metrics", "report", "run", "scoring", "shared_prefix")),
                 reads.SRC + "inference/loading.py",
                 *(reads.SRC + f"train/{f}.py" for f in ("artifacts", "data")),
                 reads.SRC + "data/images.py",
@@ -283,7 +283,7 @@ STEPS: dict[str, Step] = {
                 ),
                 *_phases(4),
             ),
-            (*reads.DATA_KEYS, "registry.model_name", "serve", "tracking", "train.output_dir", *reads.PHASES_ENABLED),
+            (*reads.DATA_KEYS, "registry.model_name", "tracking", "train.output_dir", *reads.PHASES_ENABLED),
             (
                 *reads.CORE,
                 reads.SRC + "evaluate/run.py",

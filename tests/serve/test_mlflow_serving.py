@@ -68,7 +68,9 @@ def test_mlflow_models_serve_answers_per_region_rows_of_the_registered_version(w
             assert row["xyxy"] == region["xyxy"]
             assert (row["cls"] if isinstance(row["cls"], str) else None) == region["cls"]  # pandas: NaN for None
             assert row["p_abnormal"] == pytest.approx(region["p_abnormal"], abs=1e-6)
-        assert {(r["uri"], r["version"]) for r in rows} == {(f"models:/{NAME}/{version}", version)}
+        assert {(r["uri"], r["version"]) for r in rows} == {
+            (f"models:/{NAME}/{version}", str(version))
+        }  # MLflow names versions by strings
         for image_index in (0, 1):
             mine = [r for r in rows if r["image_index"] == image_index]
             assert {r["image_score"] for r in mine} == {max(r["p_abnormal"] for r in mine)}
