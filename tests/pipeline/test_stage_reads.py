@@ -57,7 +57,12 @@ CONDITIONAL = {
     },
     "train_phase3": {"train.phase1.enabled"},  # phase 2 disabled: phase 3 starts from phase 1
     # the recorded run's two-step detector proposes no region above its confidence: nothing is scored
-    "predict": {"src/defectvlm/data/sft.py", "src/defectvlm/evaluate/scoring.py", "src/defectvlm/seeding.py"},
+    "predict": {
+        *("src/defectvlm/data/sft.py", "src/defectvlm/evaluate/scoring.py", "src/defectvlm/seeding.py"),
+        "src/defectvlm/evaluate/shared_prefix.py",
+    },
+    # the recorded run's two-step detector predicts no box, so its box metrics never match one (iou)
+    "train_detector": {"src/defectvlm/data/boxes.py"},
 }
 # a model.family other than qwen2_5_vl builds its tiny model there
 for _step in ("train_phase1", "train_phase2", "train_phase3", "evaluate", "predict", "export"):
