@@ -244,7 +244,7 @@ STEPS: dict[str, Step] = {
             (
                 *reads.CORE,
                 *(reads.SRC + f"detector/{f}.py" for f in ("data", "metrics", "model", "runtime", "tracking", "train")),
-                reads.SRC + "data/images.py",
+                *(reads.SRC + f"data/{f}.py" for f in ("boxes", "images")),
                 *(reads.SRC + f"tracking/{f}.py" for f in ("lineage", "mlflow_tracking", "registry")),
             ),
             cluster=Cluster(cache=False),
