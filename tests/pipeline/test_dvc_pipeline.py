@@ -98,7 +98,7 @@ def test_repro_registers_then_skips_promotes_reproduces_and_reruns_only_what_a_p
     assert {Path(record["image"]).name for record in predicted} == test_images
     assert {str(record["model"]["version"]) for record in predicted} == {str(registration["version"])}
     exported = read_json(repo / "exports" / "candidate" / "defectvlm.json")
-    assert exported["registry"] == {"name": "defectvlm-adapter", "version": registration["version"]}
+    assert exported["registry"] == {"name": "defectvlm-adapter", "version": str(registration["version"])}  # MLflow: str
     assert json.loads(candidate.tags["export.parity"])["passed"] is True
     head = _ok(["git", "rev-parse", "HEAD"], repo).stdout.strip()
     assert candidate.tags["git.commit"] == head and candidate.tags["git.dirty"] == "false"

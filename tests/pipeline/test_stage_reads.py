@@ -60,6 +60,7 @@ CONDITIONAL = {
     "predict": {
         *("src/defectvlm/data/sft.py", "src/defectvlm/evaluate/scoring.py", "src/defectvlm/seeding.py"),
         "src/defectvlm/evaluate/shared_prefix.py",
+        "src/defectvlm/train/data.py",
     },
     # the recorded run's two-step detector predicts no box, so its box metrics never match one (iou)
     "train_detector": {"src/defectvlm/data/boxes.py"},
