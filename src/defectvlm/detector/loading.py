@@ -11,6 +11,7 @@ from defectvlm.config import Params
 from defectvlm.detector.runtime import Detection, OnnxDetector
 from defectvlm.errors import StepFailure
 
+DETECTOR_SUFFIX = "-detector"
 CONFIG_FILE = "detector.json"
 ONNX_FILE = "detector.onnx"
 
@@ -27,9 +28,12 @@ class ProposalDetector:
         return self.detector.detect(image, self.confidence, self.nms_iou, self.max_boxes)
 
 
-def default_detector_uri(params: Params) -> str:
-    from defectvlm.detector.tracking import detector_model_name
+def detector_model_name(params: Params) -> str:
+    """The registry name of the detector that goes with `registry.model_name`."""
+    return params.registry.model_name + DETECTOR_SUFFIX
 
+
+def default_detector_uri(params: Params) -> str:
     return f"models:/{detector_model_name(params)}@candidate"
 
 

@@ -10,17 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from defectvlm.config import Params, params_to_dict
+from defectvlm.detector.loading import detector_model_name
 from defectvlm.tracking.lineage import lineage_tags, split_digests
 from defectvlm.tracking.mlflow_tracking import STEP_TAG, connect
 from defectvlm.tracking.registry import CANDIDATE, _wait_ready, set_alias
 
-DETECTOR_SUFFIX = "-detector"
 ARTIFACT_PATH = "detector"
 STEP = "train_detector"
-
-
-def detector_model_name(params: Params) -> str:
-    return params.registry.model_name + DETECTOR_SUFFIX
 
 
 def detector_lineage(params: Params, split_dir: Path) -> dict[str, str]:
