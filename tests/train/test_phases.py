@@ -1,7 +1,6 @@
 """Phases without DeepSpeed: the trainable set, the invariants, and which tensors a step moves."""
 
 import pytest
-import torch
 
 from defectvlm.config import PhaseParams, params_from_dict
 from defectvlm.io import read_jsonl
@@ -17,6 +16,7 @@ from defectvlm.train.phases import (
     lora_targets,
     param_groups,
 )
+from tests.train.phase_moves import expected_groups, moved_groups, steps_move
 
 FAMILY = get_family("qwen2_5_vl")
 PHASES = params_from_dict({}).train
@@ -34,22 +34,10 @@ def test_a_few_steps_move_exactly_the_phase_parameters(sft_dir, number):
     base, processor = build_tiny(3136, 200704)
     model = apply_phase(base, FAMILY, phase, PHASES.lora)
     check_invariants(model, FAMILY, number, phase)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    optimizer = torch.optim.AdamW(param_groups(model, FAMILY, phase))
     batch, _ = tiny_batch(sft_dir, processor)
-    model.train()
-    for _ in range(3):  # LoRA A only receives gradient once B has left zero
-        model(**batch).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    changed, trainable = steps_move(model, FAMILY, phase, batch, steps=3)
     assert changed == trainable
-    groups = {(classify(n, FAMILY).group, classify(n, FAMILY).lora) for n in changed}
-    expected = {("language_layers", True), ("projector", False)}
-    expected |= {("vision_blocks", True)} if phase.vision_lora_top_n else set()
-    expected |= {("vision_blocks", False)} if phase.unfreeze_top_k else set()
-    assert groups == expected
+    assert moved_groups(changed, FAMILY) == expected_groups(phase)
     blocks = {classify(n, FAMILY).block for n in changed if classify(n, FAMILY).group == "vision_blocks"}
     assert blocks <= {2, 3}  # the tiny model has 4 vision blocks; only the top ones move
 
