@@ -1,5 +1,6 @@
-"""Prompts about one image share its prefix (system prompt + whole image) in the scoring pass:
-the batch is the plain collator's, and the scores are the slow reference's."""
+"""Prompts about one image share its prefix (system prompt + whole image) in the scoring pass,
+prompts about different images their system prompt: the batch is the plain collator's, and the
+scores are the slow reference's."""
 
 from __future__ import annotations
 
@@ -80,10 +81,38 @@ def test_the_shared_batch_is_the_plain_collators(tiny, sft_dir):
     prefix_and_rest = [shared.prefix_pixels["pixel_values"], shared.rest_pixels["pixel_values"]]
     assert sum(len(p) for p in prefix_and_rest) < len(plain["pixel_values"])  # the whole image once, not twice
 
-    other = read_jsonl(sft_dir / "val.jsonl")[:2]  # two images: nothing shared, the plain batch
+    other = read_jsonl(sft_dir / "val.jsonl")[
+        :2
+    ]  # two images: the system prompt is shared, every image goes with the rest
     items = [SftDataset(other, processor)[i] for i in range(2)]
+    plain = collate(items)
+    batch, shared = collate_shared(processor, collate, items)
+    assert shared is not None and shared.group == [0, 0] and not shared.prefix_pixels
+    assert processor.image_token not in processor.tokenizer.decode(batch["input_ids"][0][: shared.lengths[0]])
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw", "labels"):
+        assert batch[key].tolist() == plain[key].tolist(), key
+    assert shared.rest_pixels["pixel_values"].tolist() == plain["pixel_values"].tolist()
+
+    items = [SftDataset(other[:1], processor)[0]]  # one item: nothing to share
     batch, shared = collate_shared(processor, collate, items)
     assert shared is None and batch["input_ids"].tolist() == collate(items)["input_ids"].tolist()
+
+
+def test_different_images_share_their_system_prompt_and_score_as_the_slow_reference(tiny, sft_dir):
+    """A batch of different images (a service's batch, evaluation): the prefix is the system
+    prompt alone; scores and class probabilities are those of one forward per sample."""
+    model, processor = tiny
+    classes = read_json(sft_dir / "sft_summary.json")["classes"]
+    samples = read_jsonl(sft_dir / "val.jsonl")[:3]
+    assert len({s["image_id"] for s in samples}) == 3
+    rows = score_samples(model, processor, samples, classes, batch_size=3)
+    assert len(rows) == sum(len(s["meta"]["regions"]) for s in samples)
+    for sample in samples:
+        reference = slow_reference(model, processor, sample, classes)
+        for row in (r for r in rows if r["image_id"] == sample["image_id"]):
+            assert row["score"] == pytest.approx(reference[row["rid"]]["score"], abs=1e-5), (sample["id"], row["rid"])
+            if row["truth"] == "abnormal":
+                assert row["class_probs"] == pytest.approx(reference[row["rid"]]["class_probs"], abs=1e-5)
 
 
 def test_chunks_of_one_image_score_as_the_slow_reference(tiny, sft_dir):

@@ -5,15 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from defectvlm.config import params_from_dict
 from defectvlm.evaluate.scoring import score_samples
 from defectvlm.io import read_jsonl
 from defectvlm.models.families import get_family
 from defectvlm.train.data import Collator, SftDataset, image_parts
-from defectvlm.train.phases import apply_phase, check_invariants, classify, param_groups
+from defectvlm.train.phases import apply_phase, check_invariants, classify
 from tests.models.conftest import FAMILIES, tiny
+from tests.train.phase_moves import expected_groups, moved_groups, steps_move
 
 pytestmark = pytest.mark.slow
 TRAIN = params_from_dict({}).train
@@ -37,21 +37,10 @@ def test_three_phases_train_exactly_their_parameters(name, family_sft):
         phase = TRAIN.phase(number)
         model = apply_phase(base, family, phase, TRAIN.lora)
         check_invariants(model, family, number, phase)
-        before = {n: p.detach().clone() for n, p in model.named_parameters()}
-        optimizer = torch.optim.AdamW(param_groups(model, family, phase))
-        model.train()
-        for _ in range(2):  # LoRA A only receives gradient once B has left zero
-            model(**batch).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-        changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        changed, trainable = steps_move(model, family, phase, batch, steps=2)
         assert changed == trainable
+        assert moved_groups(changed, family) == expected_groups(phase)
         infos = [classify(n, family) for n in changed]
-        expected = {("language_layers", True), ("projector", False)}
-        expected |= {("vision_blocks", True)} if phase.vision_lora_top_n else set()
-        expected |= {("vision_blocks", False)} if phase.unfreeze_top_k else set()
-        assert {(i.group, i.lora) for i in infos} == expected
         top = set(range(n_blocks - max(phase.vision_lora_top_n, phase.unfreeze_top_k), n_blocks))
         assert {i.block for i in infos if i.group == "vision_blocks"} <= top
         for projector in family.projectors:  # every projector module trains (Qwen3-VL: deepstack too)
@@ -68,6 +57,9 @@ def test_the_scoring_pass_runs_on_every_family(name, family_sft):
     chosen = few_image_samples(read_jsonl(sft / "val.jsonl"))
     rows = score_samples(model, processor, chosen, classes, batch_size=2)
     assert len(rows) == sum(len(s["meta"]["regions"]) for s in chosen)
+    alone = score_samples(model, processor, chosen, classes, batch_size=1)  # two images: only the system prompt shared
+    for mine, theirs in zip(rows, alone, strict=True):
+        assert mine["score"] == pytest.approx(theirs["score"], abs=1e-5)
     assert all(0 <= row["score"] <= 1 for row in rows)
 
 

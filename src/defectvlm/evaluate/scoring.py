@@ -15,6 +15,7 @@ region score. `generate_answers` + `parse_answer` are the slow free-text alterna
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Sequence
@@ -99,16 +100,22 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+@functools.lru_cache(maxsize=8192)
+def _token_ids(tokenizer, text: str) -> tuple[int, ...]:
+    """The answer texts repeat from image to image (the same regions' lines, the same classes):
+    each is tokenised once per process."""
+    return tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def decision_branches(tokenizer, decision: Decision, turn_ids: list[int]) -> tuple[int, list[list[int]]]:
     """Where the alternatives leave the answer's tokens (an index into `turn_ids`, the tokens of
     the assistant turn), and each alternative's tokens from there on, found by tokenising the
     answer text before the decision with each alternative and its ending."""
     whole = [
-        tokenizer(decision.context + alternative + decision.ending, add_special_tokens=False)["input_ids"]
-        for alternative in decision.alternatives
+        _token_ids(tokenizer, decision.context + alternative + decision.ending) for alternative in decision.alternatives
     ]
     start = min(_common_prefix(ids, turn_ids) for ids in whole)
-    branches = [ids[start:] for ids in whole]
+    branches = [list(ids[start:]) for ids in whole]
     if not all(branches):
         raise StepFailure(
             f"{decision.rid}: the alternatives {list(decision.alternatives)} tokenize to the same tokens; "

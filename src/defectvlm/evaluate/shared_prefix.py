@@ -1,17 +1,20 @@
-"""Scoring several prompts about one image without redoing the image.
+"""Scoring several prompts that begin alike without redoing their beginning.
 
 `predict` asks about an image's candidate regions in chunks (at most the training maximum of
 regions per prompt), so the conversations of a chunk's samples agree up to and including their
 first image: the system prompt and the whole image. In a batch, the samples sharing that prefix
 form a group: the group's prefix is preprocessed, encoded by the vision tower and run through the
 language model once, and each sample's rest (its question, regions, crops, answer and the
-scoring pass's branches) runs on the prefix's cached keys and values. The numbers are those of
-one forward per sample (up to float rounding; tests/evaluate/test_scoring.py checks both ways
-against the slow reference), the work per sample without the image and the prefill before it.
+scoring pass's branches) runs on the prefix's cached keys and values. A batch of different
+images (a service's batch, evaluation, predict over a folder) still shares its system prompt:
+then the prefix ends before the first image and every image goes with the rest. The numbers
+are those of one forward per sample (up to float rounding; tests/evaluate/test_scoring.py and
+test_shared_prefix.py check both against the slow reference).
 
-The split is right after the first image token of the rendered conversation (a special token,
-so the tokenizer splits there in any case); `collate_shared` checks that the pieces add up to
-the sample's known token count and otherwise leaves the batch to the plain collator.
+The split is right after (or right before) the first image token of the rendered conversation
+(a special token, so the tokenizer splits there in any case); `collate_shared` checks that the
+pieces add up to the sample's known token count and otherwise leaves the batch to the plain
+collator.
 """
 
 from __future__ import annotations
@@ -35,34 +38,54 @@ class SharedPrefix:
     lengths: list[int]  # the prefix length (tokens) of each row
 
 
-def _split(item: Encoded, image_token: str | None) -> tuple[str, str] | None:
-    if not image_token or not item.images or "crop" in item.images[0] or image_token not in item.text:
+def _split(item: Encoded, image_token: str | None, after_image: bool) -> tuple[str, str] | None:
+    if not image_token or not item.images or image_token not in item.text:
         return None
-    cut = item.text.index(image_token) + len(image_token)
+    if after_image and "crop" in item.images[0]:
+        return None
+    cut = item.text.index(image_token) + (len(image_token) if after_image else 0)
     return item.text[:cut], item.text[cut:]
+
+
+def _grouping(items: list[Encoded], image_token: str | None) -> tuple[bool, list, list[tuple]] | None:
+    """(whether the prefix ends after the first image, each item's split, each item's group key),
+    for the first way of splitting that leaves fewer groups than items, else None."""
+    for after_image in (True, False):
+        splits = [_split(item, image_token, after_image) for item in items]
+        if None in splits:
+            continue
+        keys = [
+            (split[0], item.images[0]["image"] if after_image else None)
+            for item, split in zip(items, splits, strict=True)
+        ]
+        if len(set(keys)) < len(items):
+            return after_image, splits, keys
+    return None
 
 
 def collate_shared(processor, collate: Collator, items: list[Encoded]) -> tuple[dict, SharedPrefix | None]:
     """`collate(items)`'s batch (without pixel values when shared) and the shared prefix, or the
-    plain batch and None when no two items share a prefix."""
-    splits = [_split(item, getattr(processor, "image_token", None)) for item in items]
-    groups: dict[tuple, int] = {}
-    for item, split in zip(items, splits, strict=True):
-        if split is not None:
-            groups.setdefault((split[0], item.images[0]["image"]), len(groups))
-    if None in splits or len(groups) == len(items):
+    plain batch and None when no two items share a prefix. The prefix is the system prompt and the
+    first image where items share both (the chunks of one image's regions), else the system prompt
+    alone (a batch of different images: a service's batch, predict over a folder)."""
+    grouping = _grouping(items, getattr(processor, "image_token", None))
+    if grouping is None:
         return collate(items), None
-    keys = [(split[0], item.images[0]["image"]) for item, split in zip(items, splits, strict=True)]
+    after_image, splits, keys = grouping
+    groups: dict[tuple, int] = {}
+    for key in keys:
+        groups.setdefault(key, len(groups))
     cache: dict = {}  # each file decoded once per batch
-    firsts = [next(i for i, key in enumerate(keys) if key == group) for group in groups]
+    firsts = [keys.index(key) for key in groups]
     prefix = processor(
         text=[splits[i][0] for i in firsts],
-        images=[load_part(items[i].images[0], cache) for i in firsts],
+        images=[load_part(items[i].images[0], cache) for i in firsts] if after_image else None,
         padding=True,
         return_tensors="pt",
     )
-    crops = [load_part(part, cache) for item in items for part in item.images[1:]]
-    rest = processor(text=[split[1] for split in splits], images=crops or None, padding=True, return_tensors="pt")
+    in_rest = [item.images[1:] if after_image else item.images for item in items]
+    parts = [load_part(part, cache) for images in in_rest for part in images]
+    rest = processor(text=[split[1] for split in splits], images=parts or None, padding=True, return_tensors="pt")
     group = [groups[key] for key in keys]
     rows, grids, lengths = [], [], []
     grid_at = 0
@@ -78,17 +101,19 @@ def collate_shared(processor, collate: Collator, items: list[Encoded]) -> tuple[
             return collate(items), None
         rows.append(pieces)
         lengths.append(int(real_prefix.sum()))
-        if "image_grid_thw" in prefix:  # the M-RoPE positions of the whole row need every image's grid
-            grids.append(prefix["image_grid_thw"][g : g + 1])
-            if crops:
-                grids.append(rest["image_grid_thw"][grid_at : grid_at + len(item.images) - 1])
-                grid_at += len(item.images) - 1
+        if "image_grid_thw" in prefix or "image_grid_thw" in rest:  # M-RoPE positions need every image's grid
+            if after_image:
+                grids.append(prefix["image_grid_thw"][g : g + 1])
+            if in_rest[row]:
+                grids.append(rest["image_grid_thw"][grid_at : grid_at + len(in_rest[row])])
+                grid_at += len(in_rest[row])
     batch = _right_padded(rows, processor.tokenizer.pad_token_id or 0)
     if grids:
         batch["image_grid_thw"] = torch.cat(grids)
     batch["labels"] = torch.stack([collate.answer_labels(ids) for ids in batch["input_ids"]])
-    pixels = [k for k in prefix if k not in TEXT_KEYS]
-    shared = SharedPrefix({k: prefix[k] for k in pixels}, {k: rest[k] for k in pixels} if crops else {}, group, lengths)
+    prefix_pixels = {k: v for k, v in prefix.items() if k not in TEXT_KEYS}
+    rest_pixels = {k: v for k, v in rest.items() if k not in TEXT_KEYS} if parts else {}
+    shared = SharedPrefix(prefix_pixels, rest_pixels, group, lengths)
     return batch, shared
 
 
