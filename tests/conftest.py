@@ -21,9 +21,20 @@ def deep_merge(base: dict, overrides: dict) -> dict:
     return merged
 
 
+# What the tests change in the repo's params.yaml before their own overrides: every region of an
+# image in one conversation (the general case; the demo's one-region prompts multiply the samples
+# by five, and the tests that run the demo's setting say so: test_dvc_pipeline, test_sft).
+TEST_PARAMS = {"sft": {"regions_per_prompt": 0}}
+
+
+def repo_params() -> dict:
+    """The repo's params.yaml as the tests use it (TEST_PARAMS merged in)."""
+    return deep_merge(yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8")), TEST_PARAMS)
+
+
 def write_params(path: Path, overrides: dict) -> Path:
-    """params.yaml = the repo's params.yaml with `overrides` merged in (nested sections too)."""
-    params = deep_merge(yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8")), overrides)
+    """params.yaml = the repo's params.yaml with TEST_PARAMS, then `overrides`, merged in (nested sections too)."""
+    params = deep_merge(repo_params(), overrides)
     path.write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
     return path
 

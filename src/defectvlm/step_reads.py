@@ -9,6 +9,7 @@ LABEL_KEYS = ("labels.format", "labels.coord_format", "labels.label_map")
 SCAN_KEYS = ("ingest.verify", "ingest.image_extensions", "ingest.workers")
 SCAN_CODE = tuple(SRC + f"data/{f}.py" for f in ("images", "ingest", "labels", "pairing"))
 MODEL_CODE = tuple(SRC + f"models/{f}.py" for f in ("attention", "families", "loading", "tiny", "tiny_families"))
+TINY_WEIGHTS = SRC + "models/tiny_pretrained"  # model.name_or_path: tiny loads them (a new base reruns the steps)
 TRAIN_KEYS = tuple(
     f"train.{key}"
     for key in (
@@ -26,10 +27,12 @@ TRAIN_CODE = (
     *(SRC + f"evaluate/{f}.py" for f in ("metrics", "scoring", "shared_prefix")),
     *(SRC + f"data/{f}.py" for f in ("images", "sft")),
     SRC + "data/templates",
+    TINY_WEIGHTS,
 )
 # the adapter carries the prompt it was trained with (best/prompt.json), built from these
 PROMPT_KEYS = tuple(
-    f"sft.{key}" for key in ("crop_size", "knowledge", "language", "region_encoding", "summary", "templates")
+    f"sft.{key}"
+    for key in ("crop_size", "knowledge", "language", "region_encoding", "regions_per_prompt", "summary", "templates")
 )
 PHASES_ENABLED = tuple(f"train.phase{n}.enabled" for n in (1, 2, 3))
 # a registered model scoring images: load_model, the training prompt (sft + templates), the scoring pass
@@ -40,6 +43,7 @@ SCORING_CODE = (
     *(SRC + f"train/{f}.py" for f in ("artifacts", "data")),
     *(SRC + f for f in ("data/images.py", "data/sft.py", "data/templates", "evaluate/scoring.py", "seeding.py")),
     SRC + "evaluate/shared_prefix.py",
+    TINY_WEIGHTS,
 )
 PREDICT_CODE = (
     *SCORING_CODE,

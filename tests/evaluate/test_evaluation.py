@@ -12,7 +12,7 @@ from defectvlm.evaluate.metrics import best_threshold, binary_metrics
 from defectvlm.evaluate.run import evaluate
 from defectvlm.evaluate.scoring import parse_answer, score_samples
 from defectvlm.io import read_jsonl
-from defectvlm.models.tiny import build_tiny
+from defectvlm.models.loading import load_base
 
 CLASSES = ["incomplete_spreading", "over_melt", "slag", "streak"]
 
@@ -79,7 +79,7 @@ def test_answer_parser_reads_any_class_string_whole():
 def test_evaluate_writes_report_and_takes_the_threshold_from_val(sft_dir, tmp_path):
     params = params_from_dict({})
     metrics = evaluate(params, "base", sft_dir, tmp_path / "reports")
-    model, processor = build_tiny(params.model.min_pixels, params.model.max_pixels)
+    model, processor = load_base(params.model)
     classes = json.loads((sft_dir / "sft_summary.json").read_text())["classes"]
     val_rows = score_samples(model, processor, read_jsonl(sft_dir / "val.jsonl"), classes)
     expected, _ = best_threshold([int(r["truth"] == "abnormal") for r in val_rows], [r["score"] for r in val_rows])

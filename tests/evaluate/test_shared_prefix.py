@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from defectvlm.config import load_params
+from defectvlm.config import params_from_dict
 from defectvlm.data.images import load_upright
 from defectvlm.data.sft import load_knowledge, load_templates
 from defectvlm.evaluate.scoring import score_samples
@@ -16,7 +16,7 @@ from defectvlm.io import read_jsonl
 from defectvlm.models.tiny import build_tiny
 from defectvlm.train.artifacts import prompt_config
 from defectvlm.train.data import Collator, SftDataset
-from tests.conftest import REPO, read_json
+from tests.conftest import read_json, repo_params
 from tests.evaluate.test_scoring import slow_reference
 
 MIN_PIXELS, MAX_PIXELS = 3136, 200704
@@ -36,7 +36,7 @@ def chunk_samples(
 ) -> list[dict]:
     """Predict's samples for one test image: one chunk of boxes per entry of `labelled` (its
     regions' labels), built by predict's own prompt builder in the frame of `family`."""
-    sft = load_params(REPO / "params.yaml").sft
+    sft = params_from_dict(repo_params()).sft  # what sft_dir was built with
     classes = read_json(sft_dir / "sft_summary.json")["classes"]
     prompt = prompt_config(sft, load_templates(sft), load_knowledge(sft), classes, read_jsonl(sft_dir / "train.jsonl"))
     path = read_jsonl(sft_dir / "test.jsonl")[0]["images"][0]

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from defectvlm.config import LoraParams, PhaseParams, load_params
+from defectvlm.config import LoraParams, PhaseParams, params_from_dict
 from defectvlm.data.sft import load_knowledge, load_templates
 from defectvlm.io import read_jsonl
 from defectvlm.models.families import get_family
 from defectvlm.models.tiny_families import build_tiny_family
 from defectvlm.train.artifacts import prompt_config, save_trained, trained_tensors
 from defectvlm.train.phases import apply_phase
-from tests.conftest import REPO
+from tests.conftest import repo_params
 
 FAMILY = get_family("qwen2_5_vl")
 MIN_PIXELS, MAX_PIXELS = 3136, 200704
@@ -37,15 +37,18 @@ def trained_model(seed: int = 0, family: str = FAMILY.name):
     return model, processor
 
 
-def save_adapter(model, processor, folder: Path, sft_dir: Path, family: str = FAMILY.name) -> Path:
-    sft = load_params(REPO / "params.yaml").sft  # what sft_dir was built with
+def save_adapter(
+    model, processor, folder: Path, sft_dir: Path, family: str = FAMILY.name, regions_per_prompt: int = 0
+) -> Path:
+    sft = params_from_dict(repo_params()).sft  # what sft_dir was built with
+    sft = sft.model_copy(update={"regions_per_prompt": regions_per_prompt})  # as if trained on runs of that many
     classes = json.loads((sft_dir / "sft_summary.json").read_text(encoding="utf-8"))["classes"]
     prompt = prompt_config(sft, load_templates(sft), load_knowledge(sft), classes, read_jsonl(sft_dir / "train.jsonl"))
     info = {
         "phase": 3,
         "enabled": True,
         "family": family,
-        "base": "tiny" if family == FAMILY.name else "tiny-random",
+        "base": "tiny-random",  # the in-memory model's random base
         "starts_from": None,
         "step": 1,
         "min_pixels": MIN_PIXELS,
@@ -65,3 +68,10 @@ def trained(tmp_path_factory, sft_dir):
     model, processor = trained_model()
     folder = save_adapter(model, processor, tmp_path_factory.mktemp("adapter") / "best", sft_dir)
     return model, processor, folder
+
+
+@pytest.fixture(scope="session")
+def trained_one_region(tmp_path_factory, trained, sft_dir):
+    """The same model saved as if trained with sft.regions_per_prompt: 1 (the demo's setting)."""
+    model, processor, _ = trained
+    return save_adapter(model, processor, tmp_path_factory.mktemp("adapter1") / "best", sft_dir, regions_per_prompt=1)

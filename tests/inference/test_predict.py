@@ -58,6 +58,7 @@ def test_the_prompt_is_built_by_the_training_code_byte_for_byte(trained, sft_dir
             config.family,
             config.min_pixels,
             config.max_pixels,
+            int(regions[0]["rid"][1:]),  # a run of an image's regions (sft.regions_per_prompt) keeps its rids
         )
         assert built["messages"] == sample["messages"]
         render = processor.apply_chat_template
@@ -309,17 +310,23 @@ def test_a_registration_record_names_the_version_it_registered(tmp_path, capsys)
     assert f"{record}: not a registration record" in capsys.readouterr().err
 
 
-def test_one_pass_judges_each_region_with_the_regions_before_it_normal(trained, images, monkeypatch):
+@pytest.mark.parametrize("one_region", [False, True])
+def test_one_pass_judges_each_region_with_the_regions_before_it_normal(
+    trained, trained_one_region, images, monkeypatch, one_region
+):
     """Threshold 0 flags every region; their P(abnormal) and classes all come from one call of
     the scoring pass and equal the slow reference (one forward per alternative) of the answer
-    in which that region alone is abnormal."""
+    in which that region alone is abnormal. A model trained on one region per prompt
+    (sft.regions_per_prompt: 1) is asked about each region alone, its rid kept (R1, R2, R3)."""
     import defectvlm.inference.predict as predict_module
     from defectvlm.inference.predict import ImageToJudge, judge_images
     from defectvlm.inference.sources import Region
     from tests.evaluate.test_scoring import slow_reference
 
-    loaded = load_model(trained[2])
+    loaded = load_model(trained_one_region if one_region else trained[2])
     config = loaded.config
+    if one_region:
+        assert config.prompt["window"]["max_regions"] == 1
     path = str(images / good_names(images)[0])
     width, height = load_upright(path).size
     boxes = [(2.0, 3.0, 300.0, 240.0), (400.0, 100.0, 900.0, 500.0), (10.0, 500.0, 200.0, 580.0)]
@@ -329,22 +336,28 @@ def test_one_pass_judges_each_region_with_the_regions_before_it_normal(trained, 
     judged = ImageToJudge(path, path, width, height, [Region(box, "test") for box in boxes])
     record = judge_images(loaded, [judged], threshold=0.0)[0]
     assert len(calls) == 1
+    size = config.prompt["window"]["max_regions"]  # the regions per prompt the model was trained with
+    counting = bool(config.prompt["sft"].get("regions_per_prompt"))
     for k, region in enumerate(record["regions"]):
-        labels = [("normal", None)] * len(boxes)
-        labels[k] = ("abnormal", config.classes[0])
+        first = k - k % size
+        chunk = boxes[first : first + size]
+        labels = [("normal", None)] * len(chunk)
+        labels[k - first] = ("abnormal", config.classes[0])
+        number = first + 1 if counting else 1
         sample = region_prompt_sample(
             "alone",
             path,
             width,
             height,
-            boxes,
+            chunk,
             labels,
             config.prompt,
             config.family,
             config.min_pixels,
             config.max_pixels,
+            number,
         )
-        expected = slow_reference(loaded.model, loaded.processor, sample, config.classes)[f"R{k + 1}"]
+        expected = slow_reference(loaded.model, loaded.processor, sample, config.classes)[f"R{number + k - first}"]
         assert region["p_abnormal"] == pytest.approx(expected["score"], abs=1e-5)
         assert region["class_probs"] == pytest.approx(expected["class_probs"], abs=1e-5)
         assert region["cls"] == max(expected["class_probs"], key=expected["class_probs"].get)

@@ -80,7 +80,7 @@ def test_recall_items_are_text_only_and_answer_each_region_from_its_note() -> No
     assert len(generic_corpus.build_recall_item(0, 5, single=True)["meta"]["things"]) == 1
 
 
-def test_pretrained_weights_load_and_tiny_keeps_the_random_model(tmp_path: Path) -> None:
+def test_pretrained_weights_load_tiny_is_the_shipped_base_and_tiny_random_the_random_one(tmp_path: Path) -> None:
     pretrain_tiny.main([*SHORT_RUN, "--out", str(tmp_path)])
     pretrained, processor = tiny.load_pretrained_tiny(3136, 200704, folder=tmp_path)
     with safe_open(str(tmp_path / tiny.WEIGHTS_FILE), "pt") as weights:
@@ -88,9 +88,13 @@ def test_pretrained_weights_load_and_tiny_keeps_the_random_model(tmp_path: Path)
     assert tiny.pretrained_recipe(tmp_path)["seed"] == 3
 
     built, built_processor = tiny.build_tiny(ModelParams().min_pixels, ModelParams().max_pixels)
-    for name in ("tiny", "tiny-random"):
-        model, _ = load_base(ModelParams(name_or_path=name))
-        assert all(torch.equal(v, built.state_dict()[k]) for k, v in model.state_dict().items()), name
+    random_model, _ = load_base(ModelParams(name_or_path="tiny-random"))
+    assert all(torch.equal(v, built.state_dict()[k]) for k, v in random_model.state_dict().items())
+    with safe_open(str(Path(str(tiny.PRETRAINED)) / tiny.WEIGHTS_FILE), "pt") as shipped:
+        for name in ("tiny", "tiny-pretrained"):
+            model, _ = load_base(ModelParams(name_or_path=name))
+            assert all(torch.equal(shipped.get_tensor(k), v) for k, v in model.state_dict().items()), name
+    assert any(not torch.equal(v, built.state_dict()[k]) for k, v in model.state_dict().items())
     # the SFT prompts tokenize exactly as with the tokenizer built from the templates
     assert processor.tokenizer.get_vocab() == built_processor.tokenizer.get_vocab()
 

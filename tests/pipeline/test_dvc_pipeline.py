@@ -57,6 +57,7 @@ def repo(tmp_path) -> Path:
             "detector": {"steps": 2, "input_size": 64, "crop_size": 32, "width": 4, "threads": 1},
             "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
             "registry": {"gates": {"roi.f1": 0.0, "image.auroc": 0.0}},
+            "sft": {"regions_per_prompt": 1},  # the demo's setting, end to end
         },
     )
     shutil.copytree(REPO / ".dvc", repo / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp", "config.local"))

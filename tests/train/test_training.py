@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from defectvlm.models.families import get_family
-from defectvlm.models.tiny import build_tiny
+from defectvlm.models.loading import load_base
 from defectvlm.tracking.lineage import file_md5
 from defectvlm.tracking.mlflow_tracking import MlflowTracking
 from defectvlm.train.artifacts import ADAPTER_FILE, PROMPT_FILE, load_trained
@@ -34,7 +34,7 @@ def read(path: Path) -> dict:
 
 def reloaded_digest(params, best: Path) -> str:
     """Weights digest of a fresh model with best/ loaded (same naming as the training digest)."""
-    base, _ = build_tiny(params.model.min_pixels, params.model.max_pixels)
+    base, _ = load_base(params.model)
     phase = params.train.phase(read(best / "phase.json")["phase"])
     model = apply_phase(base, FAMILY, phase, params.train.lora)
     load_trained(model, best)
@@ -69,7 +69,7 @@ def test_three_phases_chain_log_to_mlflow_and_describe_themselves(sft_dir, train
     # phase 2 starts from phase 1's projector (carried over, not re-initialised)
     model, *_ = build_model(params, 2, params.train.phase2)
     loaded = {canonical(n): p for n, p in model.named_parameters()}
-    fresh, _ = build_tiny(params.model.min_pixels, params.model.max_pixels)
+    fresh, _ = load_base(params.model)
     fresh_params = dict(fresh.named_parameters())
     for name, tensor in phase1_projector.items():
         assert torch.equal(loaded[name], tensor)

@@ -85,6 +85,36 @@ def test_answer_lines_match_the_regions_and_templates_render(language):
                 assert sample["meta"]["template"] == {"system": 0, "question": 0}
 
 
+@pytest.mark.parametrize("size", [1, 2])
+def test_regions_per_prompt_splits_each_image_into_runs_of_its_regions(size):
+    """Every region in exactly one conversation of its image, runs of at most `size` in rid order,
+    each answered about its own regions only; with 0 the image stays one conversation."""
+    whole = build(SftParams())
+    result = build(SftParams(regions_per_prompt=size))
+    for split, samples in result.splits.items():
+        by_image: dict[str, list[dict]] = {}
+        for sample in samples:
+            by_image.setdefault(sample["image_id"], []).append(sample)
+        assert len({s["id"] for s in samples}) == len(samples)
+        for image_id, parts in by_image.items():
+            theirs = [r for s in whole.splits[split] if s["image_id"] == image_id for r in s["meta"]["regions"]]
+            mine = [
+                r
+                for s in sorted(parts, key=lambda s: int(s["meta"]["regions"][0]["rid"][1:]))
+                for r in s["meta"]["regions"]
+            ]
+            if split != "train":  # train samples are copies (balance) in `whole` only once per image as well
+                assert mine == sorted(theirs, key=lambda r: int(r["rid"][1:]))
+            for sample in parts:
+                rids = [int(r["rid"][1:]) for r in sample["meta"]["regions"]]
+                assert len(rids) <= size and rids == list(range(rids[0], rids[0] + len(rids)))
+                assert (rids[0] - 1) % size == 0
+                if sample["task"] not in ("classify", "explain"):
+                    assert set(answer_lines(sample)) == {f"R{n}" for n in rids}
+    assert result.summary["splits"]["val"]["images"] == whole.summary["splits"]["val"]["images"]
+    assert result.summary["splits"]["val"]["samples"] > whole.summary["splits"]["val"]["samples"]
+
+
 def test_noise_only_on_train_and_answers_stay_correct():
     result = build(SftParams(noise_ratio=1.0))
     train = result.splits["train"]

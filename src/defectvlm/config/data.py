@@ -158,8 +158,8 @@ class ModelParams(Section):
     )
     name_or_path: str = Field(
         "tiny",
-        description="'tiny' (offline test model), 'tiny-random' (any family, random weights), a local path, "
-        "or a hub id.",
+        description="'tiny' (offline model pretrained on a generic corpus, shipped in the package), 'tiny-random' "
+        "(any family, random weights), a local path, or a hub id.",
     )
     attn_implementation: Literal["auto", "sdpa", "flash_attention_2", "varlen_vision", "eager"] = Field(
         "auto",
@@ -257,6 +257,12 @@ class SftParams(Section):
         description="Regions as box coordinates only, or also each region's crop as an extra image after its line.",
     )
     crop_size: int = Field(84, description="coords+crops: side of the square crop image in pixels (a multiple of 28).")
+    regions_per_prompt: int = Field(
+        0,
+        ge=0,
+        description="At most this many of an image's regions per conversation (0: all in one); an image with more "
+        "gets several conversations, in rid order, and predict asks about new images the same way.",
+    )
     seed: int = Field(42, description="Seed; each sample's draws use seed + sample id.")
 
     @model_validator(mode="after")

@@ -317,6 +317,20 @@ def balance(images: list[dict], mode: str, seed: int) -> tuple[list[tuple[dict, 
     }
 
 
+def prompt_parts(image: dict, sample_id: str, params: SftParams) -> list[tuple[dict, str]]:
+    """The image's conversations: all its regions in one, or (sft.regions_per_prompt = k) runs of
+    at most k regions in rid order, as predict chunks new images' regions (their rids, hence
+    their lines, keep counting from the run before: R1-R2, R3-R4, ...)."""
+    size = params.regions_per_prompt
+    regions = sorted(image["regions"], key=_rid_number)
+    if not size or len(regions) <= size:
+        return [(image, sample_id)]
+    return [
+        ({**image, "regions": regions[first : first + size]}, f"{sample_id}@{regions[first]['rid']}")
+        for first in range(0, len(regions), size)
+    ]
+
+
 def build_sft(regions: dict[str, list[dict]], params: SftParams, templates: dict, knowledge: dict) -> SftResult:
     classes = sorted(
         {r["cls"] for rows in regions.values() for img in rows for r in img["regions"] if r["label"] == "abnormal"}
@@ -332,10 +346,9 @@ def build_sft(regions: dict[str, list[dict]], params: SftParams, templates: dict
         else:
             pairs, balance_report = [(img, 0) for img in images], {"mode": "none"}
         samples = [
-            build_sample(
-                img, split, img["id"] if copy == 0 else f"{img['id']}#{copy}", params, templates, knowledge, classes
-            )
+            build_sample(part, split, sample_id, params, templates, knowledge, classes)
             for img, copy in pairs
+            for part, sample_id in prompt_parts(img, img["id"] if copy == 0 else f"{img['id']}#{copy}", params)
         ]
         samples.sort(key=lambda s: s["id"])
         result[split] = samples

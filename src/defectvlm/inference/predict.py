@@ -48,9 +48,12 @@ def region_prompt_sample(
     family_name: str,
     min_pixels: int,
     max_pixels: int,
+    first_number: int = 1,
 ) -> dict:
     """An evaluation-style SFT sample for `boxes` (pixels of the upright image), answered with
-    `labels` ((label, class) per box) so the scoring pass can read the model's probabilities."""
+    `labels` ((label, class) per box) so the scoring pass can read the model's probabilities.
+    The regions are R<first_number>, R<first_number + 1>, ... (a later chunk of an image's
+    regions keeps counting, as the SFT step's conversations do: sft.prompt_parts)."""
     family = get_family(family_name)
     frame = family.frame(width, height, min_pixels, max_pixels)
     regions = [
@@ -62,7 +65,7 @@ def region_prompt_sample(
             "cls": cls,
             "source": "proposal",
         }
-        for number, (box, (label, cls)) in enumerate(zip(boxes, labels, strict=True), start=1)
+        for number, (box, (label, cls)) in enumerate(zip(boxes, labels, strict=True), start=first_number)
     ]
     image = {
         "id": sample_id,
@@ -94,6 +97,7 @@ class Chunk:
     sample_id: str
     boxes: list[tuple[float, float, float, float]]
     first: int  # index of its first region in the image's list
+    number: int  # the rid number of its first region (R<number>)
 
 
 def default_regions(width: int, height: int, config: InferenceConfig) -> list[Region]:
@@ -131,8 +135,16 @@ def judge_images(
     config = loaded.config
     window = config.prompt["window"]
     boxes = [[region.in_pixels(image.width, image.height) for region in image.candidates] for image in images]
+    # a model trained on runs of an image's regions (sft.regions_per_prompt) saw their rids keep counting
+    counting = bool(config.prompt["sft"].get("regions_per_prompt"))
     chunks = [
-        Chunk(index, f"{index:06d}-{first:04d}", image_boxes[first : first + window["max_regions"]], first)
+        Chunk(
+            index,
+            f"{index:06d}-{first:04d}",
+            image_boxes[first : first + window["max_regions"]],
+            first,
+            first + 1 if counting else 1,
+        )
         for index, image_boxes in enumerate(boxes)
         for first in range(0, len(image_boxes), window["max_regions"])
     ]
@@ -150,6 +162,7 @@ def judge_images(
             config.family,
             config.min_pixels,
             config.max_pixels,
+            chunk.number,
         )
 
     samples = []
@@ -158,7 +171,7 @@ def judge_images(
         judged = sample(chunk, normal)
         if config.classes:  # each region's abnormal line, to score its class in the same forward
             judged["meta"]["class_answers"] = {
-                f"R{k + 1}": sample(chunk, [*normal[:k], ("abnormal", config.classes[0]), *normal[k + 1 :]])[
+                f"R{chunk.number + k}": sample(chunk, [*normal[:k], ("abnormal", config.classes[0]), *normal[k + 1 :]])[
                     "messages"
                 ][2]["content"]
                 for k in range(len(chunk.boxes))
@@ -169,7 +182,7 @@ def judge_images(
     regions = [[None] * len(image_boxes) for image_boxes in boxes]
     for chunk in chunks:
         for k in range(len(chunk.boxes)):
-            row = scored[chunk.sample_id, f"R{k + 1}"]
+            row = scored[chunk.sample_id, f"R{chunk.number + k}"]
             index = chunk.first + k
             candidate = images[chunk.image].candidates[index]
             regions[chunk.image][index] = _region(index, candidate, chunk.boxes[k], row, row["score"] >= threshold)

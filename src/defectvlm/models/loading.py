@@ -1,6 +1,6 @@
-"""Base models and processors: the offline tiny model (`tiny` or `tiny-random`: random weights;
-`tiny-pretrained`: the weights `python -m defectvlm.models.pretrain_tiny` writes into the
-package), or a checkpoint from a local path or hub id."""
+"""Base models and processors: the offline tiny model (`tiny`, alias `tiny-pretrained`: the
+weights `python -m defectvlm.models.pretrain_tiny` writes into the package; `tiny-random`:
+random weights, any family), or a checkpoint from a local path or hub id."""
 
 from __future__ import annotations
 
@@ -39,9 +39,9 @@ def _load(model: ModelParams, qlora: bool, attn_implementation: str):
             raise StepFailure("train.qlora needs a real checkpoint on a CUDA GPU; the tiny model trains in fp32")
         from defectvlm.models.tiny import build_tiny, load_pretrained_tiny
 
-        if model.name_or_path == "tiny-pretrained":
-            return load_pretrained_tiny(model.min_pixels, model.max_pixels)
-        return build_tiny(model.min_pixels, model.max_pixels)
+        if model.name_or_path == "tiny-random":
+            return build_tiny(model.min_pixels, model.max_pixels)
+        return load_pretrained_tiny(model.min_pixels, model.max_pixels)
 
     import transformers
 

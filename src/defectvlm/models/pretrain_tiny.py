@@ -33,10 +33,10 @@ from defectvlm.train.data import Collator, Encoded, SftDataset, batches
 from defectvlm.train.loop import lr_lambda
 
 DEFAULTS = {  # the recipe of the shipped models/tiny_pretrained/ (its metadata records them)
-    "items": 1500,
+    "items": 8000,
     "recall_share": 0.4,
     "curriculum": 0.3,
-    "steps": 400,
+    "steps": 8000,
     "batch_size": 8,
     "lr": 2e-3,
     "warmup_ratio": 0.05,

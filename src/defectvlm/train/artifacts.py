@@ -107,14 +107,16 @@ def prompt_config(sft: SftParams, templates: dict, knowledge: dict, classes: lis
     ]
     per_image = Counter(len(s["meta"]["regions"]) for s in train)
     return {
-        "sft": {k: getattr(sft, k) for k in ("language", "summary", "region_encoding", "crop_size")},
+        "sft": {
+            k: getattr(sft, k) for k in ("language", "summary", "region_encoding", "crop_size", "regions_per_prompt")
+        },
         "classes": classes,
         "templates": templates,
         "knowledge": {c: knowledge[c] for c in classes},
         "window": {
             "width_fraction": round(statistics.median(w for w, _ in shapes), 4) if shapes else 0.25,
             "height_fraction": round(statistics.median(h for _, h in shapes), 4) if shapes else 0.25,
-            "max_regions": max(per_image) if per_image else 8,
+            "max_regions": sft.regions_per_prompt or (max(per_image) if per_image else 8),
         },
     }
 
