@@ -183,3 +183,19 @@ def test_worker_processes_change_nothing_that_is_trained(sft_dir, train_params):
     assert inline["history"] == workers["history"]
     assert inline["weights_digest_per_rank"] == workers["weights_digest_per_rank"]
     assert inline["tokens"] == workers["tokens"] and inline["token_efficiency"] == workers["token_efficiency"]
+
+
+def test_roi_f1_type_keeps_the_checkpoint_that_finds_and_names(sft_dir, train_params):
+    """metric_for_best_model: roi_f1_type: every evaluation logs the scoring pass's ROI-F1, the
+    defect-type accuracy and their mean; best/ is the step with the highest mean."""
+    _, params = train_params(eval_steps=1, metric_for_best_model="roi_f1_type", phase1={"max_steps": 3})
+    metrics = fit_phase(params, 1, sft_dir)
+    history = [entry for entry in metrics["history"] if "roi_f1_type" in entry]
+    assert [entry["step"] for entry in history] == [1, 2, 3]
+    for entry in history:
+        assert 0 <= entry["type_accuracy"] <= 1
+        assert entry["roi_f1_type"] == pytest.approx((entry["roi_f1"] + entry["type_accuracy"]) / 2)
+    best = max(history, key=lambda entry: entry["roi_f1_type"])
+    assert metrics["best_step"] == best["step"] and metrics["roi_f1_type"] == best["roi_f1_type"]
+    saved = read(Path(params.train.output_dir) / "phase1" / "best" / "phase.json")
+    assert saved["step"] == best["step"]

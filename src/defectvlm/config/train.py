@@ -8,7 +8,11 @@ from pydantic import Field, model_validator
 
 from defectvlm.config.base import AtLeastOne, Float, Fraction, Key, NonNegative, OpenFraction, Section, fail
 
-METRIC_DIRECTIONS = {"roi_f1": True, "eval_loss": False}  # metric_for_best_model -> larger is better
+METRIC_DIRECTIONS = {
+    "roi_f1": True,
+    "roi_f1_type": True,
+    "eval_loss": False,
+}  # metric_for_best_model -> larger is better
 GATE_METRICS = ("roi.f1", "roi.precision", "roi.recall", "image.f1", "image.auroc", "image.average_precision")
 
 
@@ -96,12 +100,15 @@ class TrainParams(Section):
     save_total_limit: Annotated[int, AtLeastOne] = Field(
         2, description="Checkpoints kept (the best model is kept apart)."
     )
-    metric_for_best_model: Literal["roi_f1", "eval_loss"] = Field(
-        "roi_f1", description="Metric that picks the best checkpoint: val ROI-level F1 (scoring pass) or val loss."
+    metric_for_best_model: Literal["roi_f1", "roi_f1_type", "eval_loss"] = Field(
+        "roi_f1",
+        description="Metric that picks the best checkpoint: val ROI-level F1 (scoring pass), the mean of it and the "
+        "val defect-type accuracy (roi_f1_type: finding and naming), or val loss.",
     )
     greater_is_better: bool = Field(
         True,
-        description="Whether a larger metric is better: must be true for roi_f1 and false for eval_loss (checked).",
+        description="Whether a larger metric is better: true for roi_f1 and roi_f1_type, false for eval_loss "
+        "(checked).",
     )
     lora: LoraParams = Field(LoraParams(), description="LoRA shape.")
     phase1: PhaseParams = Field(

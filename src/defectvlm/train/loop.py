@@ -204,9 +204,9 @@ class Recipe:
     def validate(self, step: int) -> dict[str, float]:
         """Eval loss (and the scoring pass's roi_f1) on val; best/ is rewritten when the metric improves."""
         train = self.params.train
-        with_roi_f1 = train.metric_for_best_model == "roi_f1"
+        with_scoring = train.metric_for_best_model != "eval_loss"
         metrics = validation_metrics(
-            self.engine, self.processor, self.data.val, self.data.classes, train.batch_size, with_roi_f1
+            self.engine, self.processor, self.data.val, self.data.classes, train.batch_size, with_scoring
         )
         value, best = metrics[train.metric_for_best_model], self.state.best_metric
         if best is None or (value > best if train.greater_is_better else value < best):

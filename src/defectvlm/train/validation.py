@@ -1,5 +1,5 @@
-"""Validation during training: evaluation loss and the scoring pass's ROI-F1 on val, sharded
-over the ranks.
+"""Validation during training: evaluation loss and the scoring pass's metrics on val (ROI-F1,
+defect-type accuracy, their mean), sharded over the ranks.
 
 Every rank runs the same number of forwards, whatever the size of its share: a rank whose
 share is shorter runs a filler batch and drops its result. Under ZeRO-3 each forward (and each
@@ -20,13 +20,14 @@ from defectvlm.train.data import IGNORE_INDEX, Collator, SftDataset
 
 
 def validation_metrics(
-    engine, processor, val_set: SftDataset, classes: list[str], batch_size: int, with_roi_f1: bool
+    engine, processor, val_set: SftDataset, classes: list[str], batch_size: int, with_scoring: bool
 ) -> dict[str, float]:
-    """{eval_loss[, roi_f1]} on the whole validation split, the same on every rank."""
+    """{eval_loss[, roi_f1, type_accuracy, roi_f1_type]} on the whole validation split, the same
+    on every rank."""
     rank, world = dist.get_rank(), dist.get_world_size()
     metrics = {"eval_loss": evaluation_loss(engine, val_set, Collator(processor), batch_size, rank, world)}
-    if with_roi_f1:
-        metrics["roi_f1"] = validation_roi_f1(engine, processor, val_set, classes, rank, world)
+    if with_scoring:
+        metrics.update(validation_scores(engine, processor, val_set, classes, rank, world))
     return metrics
 
 
@@ -48,13 +49,20 @@ def evaluation_loss(engine, val_set: SftDataset, collate: Collator, batch_size: 
     return float(total[0] / max(total[1], 1))
 
 
-def validation_roi_f1(engine, processor, val_set: SftDataset, classes: list[str], rank: int, world: int) -> float:
-    """The scoring pass on val (sharded over ranks): ROI-level F1 at its best threshold."""
+def validation_scores(
+    engine, processor, val_set: SftDataset, classes: list[str], rank: int, world: int
+) -> dict[str, float]:
+    """The scoring pass on val (sharded over ranks): ROI-level F1 at its best threshold, the
+    defect-type accuracy on the abnormal regions (the class the model gives each), and their mean
+    (`roi_f1_type`: a checkpoint that finds the defects but cannot name them yet scores half)."""
     mine = score_samples(engine.module, processor, val_set.samples, classes, shard=(rank, world))
     everyone: list[list[dict] | None] = [None] * world
     dist.all_gather_object(everyone, mine)
     rows = [row for part in everyone for row in part]
-    return best_threshold([int(r["truth"] == "abnormal") for r in rows], [r["score"] for r in rows])[1]
+    roi_f1 = best_threshold([int(r["truth"] == "abnormal") for r in rows], [r["score"] for r in rows])[1]
+    typed = [r for r in rows if r["truth"] == "abnormal" and r.get("pred_cls")]
+    type_accuracy = sum(r["pred_cls"] == r["truth_cls"] for r in typed) / len(typed) if typed else 0.0
+    return {"roi_f1": roi_f1, "type_accuracy": type_accuracy, "roi_f1_type": (roi_f1 + type_accuracy) / 2}
 
 
 def to_device(batch: dict, engine) -> dict:
