@@ -8,8 +8,11 @@ DATA_KEYS = ("data.abnormal_root", "data.normal_root")
 LABEL_KEYS = ("labels.format", "labels.coord_format", "labels.label_map")
 SCAN_KEYS = ("ingest.verify", "ingest.image_extensions", "ingest.workers")
 SCAN_CODE = tuple(SRC + f"data/{f}.py" for f in ("images", "ingest", "labels", "pairing"))
-MODEL_CODE = tuple(SRC + f"models/{f}.py" for f in ("attention", "families", "loading", "tiny", "tiny_families"))
 TINY_WEIGHTS = SRC + "models/tiny_pretrained"  # model.name_or_path: tiny loads them (a new base reruns the steps)
+MODEL_CODE = (
+    *(SRC + f"models/{f}.py" for f in ("attention", "families", "loading", "tiny", "tiny_families")),
+    TINY_WEIGHTS,
+)
 TRAIN_KEYS = tuple(
     f"train.{key}"
     for key in (
@@ -27,7 +30,6 @@ TRAIN_CODE = (
     *(SRC + f"evaluate/{f}.py" for f in ("metrics", "scoring", "shared_prefix")),
     *(SRC + f"data/{f}.py" for f in ("images", "sft")),
     SRC + "data/templates",
-    TINY_WEIGHTS,
 )
 # the adapter carries the prompt it was trained with (best/prompt.json), built from these
 PROMPT_KEYS = tuple(
@@ -43,7 +45,6 @@ SCORING_CODE = (
     *(SRC + f"train/{f}.py" for f in ("artifacts", "data")),
     *(SRC + f for f in ("data/images.py", "data/sft.py", "data/templates", "evaluate/scoring.py", "seeding.py")),
     SRC + "evaluate/shared_prefix.py",
-    TINY_WEIGHTS,
 )
 PREDICT_CODE = (
     *SCORING_CODE,

@@ -243,7 +243,10 @@ STEPS: dict[str, Step] = {
             ),
             (
                 *reads.CORE,
-                *(reads.SRC + f"detector/{f}.py" for f in ("data", "metrics", "model", "runtime", "tracking", "train")),
+                *(
+                    reads.SRC + f"detector/{f}.py"
+                    for f in ("data", "loading", "metrics", "model", "runtime", "tracking", "train")
+                ),
                 *(reads.SRC + f"data/{f}.py" for f in ("boxes", "images")),
                 *(reads.SRC + f"tracking/{f}.py" for f in ("lineage", "mlflow_tracking", "registry")),
             ),

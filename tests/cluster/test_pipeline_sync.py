@@ -10,11 +10,11 @@ import yaml
 from defectvlm.cli import build_parser
 from defectvlm.cluster.dag import RUNTIME_SECTIONS
 from defectvlm.cluster.task import params_from_sections
-from defectvlm.config import load_params, params_to_dict
+from defectvlm.config import load_params, params_from_dict, params_to_dict
 from defectvlm.step_types import Option, derived, dest, input_path
 from defectvlm.steps import STEPS
 from tests.cluster.conftest import tasks_by_step
-from tests.conftest import REPO
+from tests.conftest import REPO, repo_params
 
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
 PARAMS = params_to_dict(load_params(REPO / "params.yaml"))
@@ -93,9 +93,10 @@ def test_pipeline_parameters_are_the_params_sections_with_params_yaml_defaults(c
     spec, _ = compiled
     inputs = spec["root"]["inputDefinitions"]["parameters"]
     assert set(inputs) == {*RUNTIME_SECTIONS, "data_version", "lineage"}
+    compiled_from = params_to_dict(params_from_dict(repo_params()))  # compile_to's params.yaml
     for name in RUNTIME_SECTIONS:
         default = params_to_dict(params_from_sections({name: inputs[name]["defaultValue"]}))[name]
-        assert default == PARAMS[name], name
+        assert default == compiled_from[name], name
 
 
 def test_each_task_gets_exactly_its_steps_sections(compiled):

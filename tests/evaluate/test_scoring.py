@@ -166,6 +166,7 @@ def test_chinese_classes_end_to_end_from_ingest_to_evaluate(tiny, tmp_path):
             "data": {"abnormal_root": str(raw / "abnormal_root"), "normal_root": str(raw / "normal_root")},
             "labels": {"label_map": {}},
             "sft": {"knowledge": str(tmp_path / "knowledge.yaml"), "templates": str(tmp_path / "zh.yaml")},
+            "model": {"name_or_path": "tiny-random"},  # the `tiny` fixture below: the reference's model
         },
     )
     sft = prepare_sft(params, tmp_path)

@@ -75,6 +75,15 @@ def covers(declared, item: str) -> bool:
     return any(item == d or item.startswith(d + ".") or item.startswith(d + "/") for d in declared)
 
 
+# model.name_or_path: tiny-random builds its tokenizer from the templates (`tiny` brings the one it
+# was pretrained with); training reads zh.yaml and knowledge.yaml for the prompt, en.yaml for sft.language: en
+TEMPLATES = [path for path in SOURCES if path.startswith("src/defectvlm/data/templates/")]
+for _name, _step in STEPS.items():
+    if _name != "sft" and covers(_step.code, TEMPLATES[0]):
+        training = _name.startswith("train_phase")
+        CONDITIONAL.setdefault(_name, set()).update(p for p in TEMPLATES if not training or p.endswith("/en.yaml"))
+
+
 def _dvc(args: list[str], cwd: Path) -> str:
     dvc = Path(sys.executable).parent / "dvc"
     done = subprocess.run([str(dvc) if dvc.exists() else "dvc", *args], cwd=cwd, capture_output=True, text=True)
