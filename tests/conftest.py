@@ -76,3 +76,27 @@ def sft_dir(tmp_path_factory) -> Path:
         {"data": {"abnormal_root": str(raw / "abnormal_root"), "normal_root": str(raw / "normal_root")}},
     )
     return prepare_sft(params, root)
+
+
+KSERVE_SCHEMA = REPO / "tests/serve/data/kserve_inferenceservice_v1beta1.schema.yaml"  # a subset of the CRD's
+
+
+def sqlite_registry(
+    folder: Path, name: str, version_tags: list[dict], aliases: dict[str, str] | None = None, **sections: dict
+) -> Path:
+    """A sqlite MLflow registry in `folder` holding one version of `name` per entry of
+    `version_tags` (that version's tags), with `aliases` set; returns a params.yaml pointing at
+    it, `sections` merged in."""
+    import mlflow
+
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model(name)
+    for tags in version_tags:
+        version = client.create_model_version(name, (folder / "adapter").as_uri()).version
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, value)
+    for alias, version in (aliases or {}).items():
+        client.set_registered_model_alias(name, alias, version)
+    tracking = {**sections.pop("tracking", {}), "uri": uri}
+    return write_params(folder / "params.yaml", {"tracking": tracking, **sections})

@@ -9,7 +9,6 @@ import json
 from types import SimpleNamespace
 
 import jsonschema
-import mlflow
 import pytest
 import yaml
 
@@ -19,9 +18,9 @@ from defectvlm.errors import StepFailure
 from defectvlm.steps import STEPS
 from defectvlm.tracking.registry import PARITY_TAG
 from tests.cluster.conftest import tasks_by_step
-from tests.conftest import REPO, run_cli, write_params
+from tests.conftest import KSERVE_SCHEMA, run_cli, sqlite_registry
 
-SCHEMA = yaml.safe_load((REPO / "tests/serve/data/kserve_inferenceservice_v1beta1.schema.yaml").read_text())
+SCHEMA = yaml.safe_load(KSERVE_SCHEMA.read_text())
 NAME = "weld-adapter"
 PASSED = {"max_abs_diff": 3e-7, "tolerance": 1e-4, "passed": True}
 FAILED = {"max_abs_diff": 0.02, "tolerance": 1e-4, "passed": False}
@@ -30,16 +29,9 @@ FAILED = {"max_abs_diff": 0.02, "tolerance": 1e-4, "passed": False}
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
     """v1 without a parity record, v2 whose export failed it, v3 whose export passed it."""
-    tmp_path = tmp_path_factory.mktemp("registry")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
-    client.create_registered_model(NAME)
-    for record in (None, FAILED, PASSED):
-        version = client.create_model_version(NAME, (tmp_path / "adapter").as_uri()).version
-        if record:
-            client.set_model_version_tag(NAME, version, PARITY_TAG, json.dumps(record))
-    overrides = {"tracking": {"uri": uri}, "registry": {"model_name": NAME, "require_export_parity": True}}
-    return write_params(tmp_path / "params.yaml", overrides)
+    tags = [{PARITY_TAG: json.dumps(record)} if record else {} for record in (None, FAILED, PASSED)]
+    registry = {"model_name": NAME, "require_export_parity": True}
+    return sqlite_registry(tmp_path_factory.mktemp("registry"), NAME, tags, registry=registry)
 
 
 def deploy_task(params_file, version: str, tmp_path, require: bool = True) -> SimpleNamespace:

@@ -6,30 +6,22 @@ from __future__ import annotations
 import copy
 
 import jsonschema
-import mlflow
 import pytest
 import yaml
 
 from defectvlm.cluster.images import DOCKERFILES, image
 from tests.cluster.test_dockerfiles import instructions
-from tests.conftest import REPO, run_cli, write_params
+from tests.conftest import KSERVE_SCHEMA, REPO, run_cli, sqlite_registry
 
-SCHEMA = yaml.safe_load((REPO / "tests/serve/data/kserve_inferenceservice_v1beta1.schema.yaml").read_text())
+SCHEMA = yaml.safe_load(KSERVE_SCHEMA.read_text())
 NAME = "defectvlm-adapter"
 
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
     """A sqlite registry where @champion is version 2; params pointing at it."""
-    tmp_path = tmp_path_factory.mktemp("registry")
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
-    client.create_registered_model(NAME)
-    for _ in range(2):
-        client.create_model_version(NAME, (tmp_path / "adapter").as_uri())
-    client.set_registered_model_alias(NAME, "champion", "2")
-    overrides = {"tracking": {"uri": uri}, "cluster": {"gpus": 1, "train_memory": "32Gi"}}
-    return write_params(tmp_path / "params.yaml", overrides)
+    cluster = {"gpus": 1, "train_memory": "32Gi"}
+    return sqlite_registry(tmp_path_factory.mktemp("registry"), NAME, [{}, {}], {"champion": "2"}, cluster=cluster)
 
 
 def test_render_pins_the_alias_and_both_variants_validate_against_the_crd_schema(registry, tmp_path):
