@@ -232,8 +232,9 @@ def test_serve_sends_the_model_the_prompts_predict_sends_and_answers_the_same_re
     def by_predict(*regions) -> tuple[dict, list]:
         sent.clear()
         out = tmp_path / f"predict{len(list(tmp_path.glob('predict*')))}"
-        # one sample per forward pass, as serve scores a lone request: padding in a batch moves scores ~1e-7
-        assert predict(out, folder, "--images", one, "--batch-size", 1, *regions) == 0
+        # all of the image's prompts in one forward per call of the scoring pass, as serve scores a
+        # lone request (another batching moves scores ~1e-7 through padding and the shared prefix)
+        assert predict(out, folder, "--images", one, "--batch-size", 64, *regions) == 0
         return records(out)[name], list(sent)
 
     def by_serve(url: str, body: dict) -> tuple[dict, list]:
