@@ -128,7 +128,11 @@ def predict_images(
 
 
 def judge_images(
-    loaded: LoadedModel, images: list[ImageToJudge], threshold: float, batch_size: int = 8, progress: bool = False
+    loaded: LoadedModel,
+    images: list[ImageToJudge],
+    threshold: float,
+    batch_size: int | None = 8,
+    progress: bool = False,
 ) -> list[dict]:
     """The record of each image (in order), scored in batches across all of them (module doc):
     what `predict` writes to predictions.jsonl and `serve` answers."""
@@ -177,7 +181,8 @@ def judge_images(
                 for k in range(len(chunk.boxes))
             }
         samples.append(judged)
-    scored = _score(loaded, samples, batch_size, progress, "scoring regions")
+    # batch_size None: every prompt in one batch (serve: a request's prompts share their image)
+    scored = _score(loaded, samples, batch_size or len(samples), progress, "scoring regions")
 
     regions = [[None] * len(image_boxes) for image_boxes in boxes]
     for chunk in chunks:

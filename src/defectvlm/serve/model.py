@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -76,11 +75,8 @@ class Scorer:
         from defectvlm.inference.predict import judge_images
 
         judged = [self.to_judge(image) for image in images]
-        # an image's prompts (its regions in runs of the training size) go into one forward, where
-        # they share the image: rows per forward = the images' prompts
-        per_prompt = self.loaded.config.prompt["window"]["max_regions"]
-        prompts = sum(max(1, math.ceil(len(image.candidates) / per_prompt)) for image in judged)
-        return judge_images(self.loaded, judged, self.threshold, batch_size=prompts)
+        # all the batch's prompts together: an image's prompts (runs of its regions) share the image
+        return judge_images(self.loaded, judged, self.threshold, batch_size=None)
 
     def generate(self, messages: list[dict], max_new_tokens: int) -> tuple[str, int]:
         """A greedy answer to a conversation whose image parts hold bytes (see chat.py), and the

@@ -202,7 +202,7 @@ class Recipe:
     # --- validate ----------------------------------------------------------------------
 
     def validate(self, step: int) -> dict[str, float]:
-        """Eval loss (and the scoring pass's roi_f1) on val; best/ is rewritten when the metric improves."""
+        """Eval loss (and the scoring pass's metrics) on val; best/ is rewritten when the metric improves."""
         train = self.params.train
         with_scoring = train.metric_for_best_model != "eval_loss"
         metrics = validation_metrics(

@@ -14,7 +14,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from defectvlm.evaluate.metrics import best_threshold
+from defectvlm.evaluate.metrics import best_threshold, class_metrics
 from defectvlm.evaluate.scoring import score_samples
 from defectvlm.train.data import IGNORE_INDEX, Collator, SftDataset
 
@@ -61,7 +61,8 @@ def validation_scores(
     rows = [row for part in everyone for row in part]
     roi_f1 = best_threshold([int(r["truth"] == "abnormal") for r in rows], [r["score"] for r in rows])[1]
     typed = [r for r in rows if r["truth"] == "abnormal" and r.get("pred_cls")]
-    type_accuracy = sum(r["pred_cls"] == r["truth_cls"] for r in typed) / len(typed) if typed else 0.0
+    types = class_metrics([r["truth_cls"] for r in typed], [r["pred_cls"] for r in typed], classes)
+    type_accuracy = types["accuracy"] or 0.0  # None: no abnormal region in val
     return {"roi_f1": roi_f1, "type_accuracy": type_accuracy, "roi_f1_type": (roi_f1 + type_accuracy) / 2}
 
 
