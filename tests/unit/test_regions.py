@@ -149,3 +149,42 @@ def test_region_count_does_not_reveal_the_label():
     assert set(by_label["abnormal"]) == set(by_label["normal"]) == {2, 4, 6, 8}
     for k in (2, 4, 6, 8):
         assert abs(by_label["abnormal"][k] - by_label["normal"][k]) < 40  # same distribution up to sampling noise
+
+
+def test_misplaced_boxes_cover_part_of_a_defect_in_training_only():
+    rng = random.Random(5)
+    records = [record(i, "abnormal", [[rng.uniform(0, 500), 200, 700, 260]]) for i in range(30)]
+    records += [record(100 + i, "normal", []) for i in range(30)]
+    params = RegionParams(misplaced_per_pos=2, misplaced_max_iou=0.4)
+    result = build_regions({"train": records, "val": records, "test": []}, params, ModelParams())
+    train, val = result.splits["train"], result.splits["val"]
+    for image in train:
+        positives = [r["xyxy"] for r in image["regions"] if r["source"] == "positive"]
+        for region in image["regions"]:
+            if region["source"] == "misplaced":
+                assert region["label"] == "normal" and region["cls"] is None
+                assert 0.1 < max(iou(region["xyxy"], p) for p in positives) <= 0.4 + 1e-9
+    placed = sum(r["source"] == "misplaced" for image in train for r in image["regions"])
+    assert placed == result.summary["splits"]["train"]["misplaced"] == 60  # two per positive
+    assert not any(r["source"] == "misplaced" for image in val for r in image["regions"])
+    # a training normal image gets as many decoys as a training abnormal image has regions
+    counts = {
+        label: sorted({len(i["regions"]) for i in train if i["label"] == label}) for label in ("abnormal", "normal")
+    }
+    assert counts["abnormal"] == counts["normal"] == [4]
+    assert {len(i["regions"]) for i in val if i["label"] == "normal"} == {2}
+
+
+def test_without_misplaced_boxes_the_regions_are_unchanged():
+    rng = random.Random(6)
+    records = [record(i, "abnormal", [[rng.uniform(0, 500), 200, 700, 260]]) for i in range(10)]
+    off = build_regions(splits_of(records), RegionParams(), ModelParams()).splits["train"]
+    on = build_regions(splits_of(records), RegionParams(misplaced_per_pos=1), ModelParams()).splits["train"]
+    for a, b in zip(off, on, strict=True):
+        kept = [r["xyxy"] for r in b["regions"] if r["source"] != "misplaced"]
+        assert sorted(r["xyxy"] for r in a["regions"]) == sorted(kept)
+
+
+def test_misplaced_limit_must_lie_between_negatives_and_a_match():
+    with pytest.raises(ValueError, match="misplaced_max_iou"):
+        RegionParams(misplaced_per_pos=1, misplaced_max_iou=0.5)

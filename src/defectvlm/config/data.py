@@ -215,10 +215,25 @@ class RegionParams(Section):
     negatives_detector_steps: Annotated[int, NonNegative] = Field(
         0, description="detector | both: optimizer steps of each fold's detector (0: detector.steps; fewer is cheaper)."
     )
+    misplaced_per_pos: Annotated[int, NonNegative] = Field(
+        0,
+        description="Training split only: per positive, this many boxes cut from it or shifted off it (IoU with it "
+        "above neg_max_iou, at most misplaced_max_iou), labelled normal, so that the cascade's VLM learns to reject "
+        "a proposal that covers only part of a defect (the detector's typical false alarm).",
+    )
+    misplaced_max_iou: Annotated[Float, Fraction] = Field(
+        0.4, description="Largest IoU of a misplaced box with its defect (below the cascade's match at 0.5)."
+    )
     seed: int = Field(42, description="Seed; each image's draws use seed + image id, never processing order.")
 
     @model_validator(mode="after")
     def _check(self) -> RegionParams:
+        if self.misplaced_per_pos and not self.neg_max_iou < self.misplaced_max_iou < 0.5:
+            fail(
+                "misplaced_max_iou",
+                f"{self.misplaced_max_iou} must lie above neg_max_iou ({self.neg_max_iou}) and below 0.5 (the IoU at "
+                "which the cascade counts a box as finding the defect): a misplaced box is one that does not",
+            )
         if self.negatives_from != "random" and self.negatives_folds < 2:
             fail(
                 "negatives_folds",

@@ -19,6 +19,14 @@ one in between is ambiguous: neither becomes a region (counted). Mix and budget:
 first (at most `max_boxes_per_image`), then the detector's false positives best score first
 in the room left; `detector` stops there, `both` then draws random negatives (decoys on
 normal images) until the image has as many negatives as `random` would give it.
+
+Misplaced boxes (`misplaced_per_pos`, training split only): per positive, boxes cut from it (a
+fifth to a half of it along one side) or shifted off it (by half to four fifths of its length),
+whose IoU with it lies in (neg_max_iou, misplaced_max_iou], labelled normal. They look like the
+detector's usual false alarm, a box around part of a defect, and teach the VLM that such a
+region is not a finding. Val and test keep the regions they always had (the cascade evaluation
+measures the rejection on the detector's own proposals); a training normal image's decoy count
+is drawn from the training abnormal images' counts with these boxes included.
 """
 
 from __future__ import annotations
@@ -83,21 +91,25 @@ class TrainPrior:
 
     shapes: list[tuple[float, float]]  # positives' (width, height) as fractions of their image, sorted
     abnormal_region_counts: list[int]  # regions per abnormal image (positives + negatives), sorted
+    train_region_counts: list[int]  # the same with the training split's misplaced boxes, sorted
 
 
 def train_prior(train: list[dict], params: RegionParams) -> TrainPrior:
     # Sorted lists: draws index into them, so their order must not follow the input's.
-    shapes, region_counts = [], []
+    shapes, region_counts, train_counts = [], [], []
     for r in train:
         positives = clean_positives(r["boxes"], params, Counter())
         shapes += [
             ((b["xyxy"][2] - b["xyxy"][0]) / r["width"], (b["xyxy"][3] - b["xyxy"][1]) / r["height"]) for b in positives
         ]
         if r["label"] == "abnormal" and positives:
-            region_counts.append(min(len(positives) * (1 + params.abnormal_neg_per_pos), params.max_boxes_per_image))
+            per_positive = 1 + params.abnormal_neg_per_pos
+            region_counts.append(min(len(positives) * per_positive, params.max_boxes_per_image))
+            with_misplaced = len(positives) * (per_positive + params.misplaced_per_pos)
+            train_counts.append(min(with_misplaced, params.max_boxes_per_image))
     if not shapes:
         raise StepFailure("the training split has no positive box to draw negative and decoy sizes from")
-    return TrainPrior(sorted(shapes), sorted(region_counts))
+    return TrainPrior(sorted(shapes), sorted(region_counts), sorted(train_counts))
 
 
 def _draw_box(
@@ -111,6 +123,50 @@ def _draw_box(
     return [round(x1, 1), round(y1, 1), min(round(x1 + w, 1), float(width)), min(round(y1 + h, 1), float(height))]
 
 
+def _misplaced_box(rng: random.Random, box: list[float], width: int, height: int, min_size: float) -> list[float]:
+    """A box cut from `box` or shifted off it along one axis (the long one three times in four)."""
+    x1, y1, x2, y2 = box
+    long_x = (x2 - x1) >= (y2 - y1)
+    along_x = long_x if rng.random() < 0.75 else not long_x
+    lo, hi = (x1, x2) if along_x else (y1, y2)
+    span = hi - lo
+    if rng.random() < 0.5:  # cut: keep a part at one end
+        keep = span * rng.uniform(0.2, 0.5)
+        lo, hi = (lo, lo + keep) if rng.random() < 0.5 else (hi - keep, hi)
+    else:  # shift off the defect, forwards or backwards
+        shift = span * rng.uniform(0.5, 0.8) * rng.choice((-1, 1))
+        lo, hi = lo + shift, hi + shift
+    out = [lo, y1, hi, y2] if along_x else [x1, lo, x2, hi]
+    pad = rng.uniform(-0.1, 0.1)  # the other axis a little looser or tighter
+    a, b = (1, 3) if along_x else (0, 2)
+    grow = (out[b] - out[a]) * pad
+    out[a], out[b] = out[a] - grow, out[b] + grow
+    x1, y1, x2, y2 = max(0.0, out[0]), max(0.0, out[1]), min(float(width), out[2]), min(float(height), out[3])
+    if x2 - x1 < min_size or y2 - y1 < min_size:
+        return []
+    return [round(x1, 1), round(y1, 1), round(x2, 1), round(y2, 1)]
+
+
+def misplaced_boxes(
+    rng: random.Random, positives: list[dict], per_positive: int, room: int, params: RegionParams, size: tuple[int, int]
+) -> list[list[float]]:
+    """Up to `per_positive` misplaced boxes per positive (module doc), at most `room` in all."""
+    boxes: list[list[float]] = []
+    for positive in positives:
+        for _ in range(per_positive):
+            for _attempt in range(PLACEMENT_ATTEMPTS):
+                box = _misplaced_box(rng, positive["xyxy"], *size, params.min_box_size)
+                if (
+                    box
+                    and params.neg_max_iou < iou(box, positive["xyxy"]) <= params.misplaced_max_iou
+                    and all(iou(box, p["xyxy"]) <= params.misplaced_max_iou for p in positives)
+                    and all(iou(box, other) <= NEGATIVE_MUTUAL_MAX_IOU for other in boxes)
+                ):
+                    boxes.append(box)
+                    break
+    return boxes[:room]
+
+
 def image_regions(
     record: dict,
     prior: TrainPrior,
@@ -119,8 +175,10 @@ def image_regions(
     family: Family,
     counts: Counter,
     hard: list[list[float]] | None = None,
+    train: bool = False,
 ) -> dict:
-    """The candidate regions of one image (see the module doc); `hard`: its detector false positives."""
+    """The candidate regions of one image (see the module doc); `hard`: its detector false positives;
+    `train`: the image is in the training split (misplaced boxes)."""
     rng = item_rng(params.seed, record["id"])
     width, height = record["width"], record["height"]
     positives = clean_positives(record["boxes"], params, counts)
@@ -131,7 +189,8 @@ def image_regions(
         wanted, source = params.abnormal_neg_per_pos * len(positives), "negative"
     elif params.decoy_count == "match_abnormal" and prior.abnormal_region_counts:
         # as many regions as a random training abnormal image has: the count says nothing of the label
-        wanted, source = prior.abnormal_region_counts[rng.randrange(len(prior.abnormal_region_counts))], "decoy"
+        pool = prior.train_region_counts if train else prior.abnormal_region_counts
+        wanted, source = pool[rng.randrange(len(pool))], "decoy"
     else:
         wanted, source = params.normal_decoys_per_image, "decoy"
     room = params.max_boxes_per_image - len(positives)
@@ -162,6 +221,15 @@ def image_regions(
                 break
         else:
             counts[f"{source}s_not_placed"] += 1
+    if train and params.misplaced_per_pos and record["label"] == "abnormal":
+        room = params.max_boxes_per_image - len(regions)
+        wanted = params.misplaced_per_pos * len(positives)
+        misplaced = misplaced_boxes(rng, positives, params.misplaced_per_pos, room, params, (width, height))
+        shortfall = {"misplaced_not_placed": min(wanted, room) - len(misplaced), "misplaced_truncated": wanted - room}
+        for key, missing in shortfall.items():
+            if missing > 0:
+                counts[key] += missing
+        regions += [{"xyxy": box, "label": "normal", "cls": None, "source": "misplaced"} for box in misplaced]
 
     rng.shuffle(regions)
     frame = family.frame(width, height, model.min_pixels, model.max_pixels)
@@ -169,7 +237,8 @@ def image_regions(
     for number, region in enumerate(regions, start=1):
         native = family.to_native(region["xyxy"], width, height, frame)
         out.append({"rid": f"R{number}", **region, "box": native})
-        counts["detector_negatives" if region["source"] == "detector" else f"{region['source']}s"] += 1
+        source = region["source"]
+        counts[{"detector": "detector_negatives", "misplaced": "misplaced"}.get(source, f"{source}s")] += 1
     return {
         "id": record["id"],
         "path": record["path"],
@@ -216,6 +285,7 @@ def build_regions(
                 family,
                 counts,
                 detector_negatives(found[r["id"]], r, params, counts) if found else None,
+                train=name == "train",
             )
             for r in splits[name]
         ]
