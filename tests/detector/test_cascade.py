@@ -56,6 +56,11 @@ def test_the_vlm_removes_false_alarms_and_the_report_shows_both_kinds(tmp_path, 
         assert (out / "gallery" / f"{name}.png").is_file() and f"gallery/{name}.png" in report
     assert (out / "plots" / "cascade_pr.png").is_file()
     assert json.loads((out / "cascade_metrics.json").read_text())["gain"]["precision"] == 0.3333
+    # both agree: min(detector, VLM) = [0.9, 0.1], [0.2, 0.05]; val puts it at 0.9 (F1 2/3, tied with 0.05)
+    agree = metrics["agree"]
+    assert (agree["threshold"], agree["precision"], agree["recall"], agree["false_alarms"]) == (0.9, 1.0, 0.5, 0)
+    assert metrics["gain_agree"] == {"precision": 0.3333, "recall": -0.5, "false_alarms_per_image_ratio": 0.0}
+    assert "| both agree (min of the two scores) | 0.9 | 1.0 | 0.5 |" in report
 
 
 @pytest.mark.slow
@@ -68,7 +73,7 @@ def test_evaluate_cascade_end_to_end(trained, detector_dir, sft_dir, tmp_path): 
     test_images = sum(1 for line in (split / "test.jsonl").read_text().splitlines() if line.strip())
     assert metrics["images"] == test_images
     assert 0 < metrics["proposals"]["proposals_per_image"] <= 8
-    for system in ("detector", "cascade"):
+    for system in ("detector", "cascade", "agree"):
         m = metrics[system]
         assert m["truths"] == metrics["proposals"]["truths"] and 0 <= m["precision"] <= 1
     assert (tmp_path / "r" / "cascade" / "plots" / "cascade_pr.png").is_file()

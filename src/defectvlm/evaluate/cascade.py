@@ -5,6 +5,8 @@ box-level precision, recall and F1 at IoU >= 0.5 (greedy matching, detector/metr
 overall (class-agnostic: a defect found is found, whatever it is called) and per class
 (class-aware: the detector's class, or the VLM's), false alarms per image, both PR curves on
 one plot, and pictures of the false alarms the VLM removed and of the defects it wrongly removed.
+A third system, "both agree", scores each proposal with the lower of the detector's confidence
+and the VLM's P(abnormal) (a box is kept only when both keep it; its threshold also from val).
 
 The VLM judges each proposal through `predict_images`, the code `predict --proposals detector`
 runs (the same prompt builder as training)."""
@@ -27,6 +29,7 @@ from defectvlm.io import write_json_atomic
 
 GALLERY_SIZE = 8
 CROP_MARGIN = 0.6
+SYSTEMS = {"detector": "detector", "cascade": "detector + VLM", "agree": "both agree (min of the two scores)"}
 Pairs = list[tuple[list[Box], list[Box]]]
 
 
@@ -44,6 +47,14 @@ def judged_split(loaded: LoadedModel, proposer: ProposalDetector, records: list[
         cascade.append(([Box(r["xyxy"], r["cls"] or r["proposal"]["cls"], r["p_abnormal"]) for r in regions], truths))
         paths.append(record["path"])
     return {"detector": detector, "cascade": cascade, "paths": paths}
+
+
+def agreed(judged: dict) -> Pairs:
+    """The "both agree" system: each proposal scored min(detector confidence, VLM P(abnormal))."""
+    return [
+        ([Box(c.xyxy, c.cls, min(d.score, c.score)) for d, c in zip(found, scored, strict=True)], truths)
+        for (found, truths), (scored, _) in zip(judged["detector"], judged["cascade"], strict=True)
+    ]
 
 
 def system_metrics(pairs: Pairs, threshold: float, classes: list[str]) -> dict:
@@ -64,6 +75,8 @@ def evaluate_cascade(
     classes = sorted({t.cls for _, truths in val["detector"] + test["detector"] for t in truths})
     detector_t = best_f1_threshold(val["detector"])
     cascade_t = best_f1_threshold(val["cascade"])
+    val["agree"], test["agree"] = agreed(val), agreed(test)
+    agree_t = best_f1_threshold(val["agree"])
     metrics = {
         "split": "test",
         "images": len(test["paths"]),
@@ -75,17 +88,20 @@ def evaluate_cascade(
         },
         "detector": system_metrics(test["detector"], detector_t, classes),
         "cascade": system_metrics(test["cascade"], cascade_t, classes),
+        "agree": system_metrics(test["agree"], agree_t, classes),
     }
-    d, c = metrics["detector"], metrics["cascade"]
-    metrics["gain"] = {
-        "precision": round(c["precision"] - d["precision"], 4),
-        "recall": round(c["recall"] - d["recall"], 4),
-        "false_alarms_per_image_ratio": round(c["false_alarms_per_image"] / d["false_alarms_per_image"], 4)
-        if d["false_alarms_per_image"]
-        else None,
-    }
+    d = metrics["detector"]
+    for key, system in (("gain", "cascade"), ("gain_agree", "agree")):
+        c = metrics[system]
+        metrics[key] = {
+            "precision": round(c["precision"] - d["precision"], 4),
+            "recall": round(c["recall"] - d["recall"], 4),
+            "false_alarms_per_image_ratio": round(c["false_alarms_per_image"] / d["false_alarms_per_image"], 4)
+            if d["false_alarms_per_image"]
+            else None,
+        }
     out.mkdir(parents=True, exist_ok=True)
-    _plot(test, detector_t, cascade_t, out / "plots" / "cascade_pr.png")
+    _plot(test, {"detector": detector_t, "cascade": cascade_t, "agree": agree_t}, out / "plots" / "cascade_pr.png")
     gallery = _gallery(test, detector_t, cascade_t, out / "gallery")
     metrics["gallery"] = {kind: len(files) for kind, files in gallery.items()}
     write_json_atomic(out / "cascade_metrics.json", metrics)
@@ -93,7 +109,7 @@ def evaluate_cascade(
     return metrics
 
 
-def _plot(test: dict, detector_t: float, cascade_t: float, path: Path) -> None:
+def _plot(test: dict, thresholds: dict[str, float], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,10 +117,10 @@ def _plot(test: dict, detector_t: float, cascade_t: float, path: Path) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     figure, axis = plt.subplots(figsize=(5, 4))
-    for name, t in (("detector", detector_t), ("cascade", cascade_t)):
+    for name, t in thresholds.items():
         scores, hits, truths = scored_hits(test[name], class_aware=False)
-        precision, recall, thresholds = pr_curve(scores, hits, truths)
-        (line,) = axis.plot(recall, precision, label=f"{name} (threshold {t:.3g} from val)")
+        precision, recall, _ = pr_curve(scores, hits, truths)
+        (line,) = axis.plot(recall, precision, label=f"{SYSTEMS[name]} (threshold {t:.3g} from val)")
         at = counts_at(test[name], t, False)
         axis.scatter([at["recall"]], [at["precision"]], color=line.get_color(), zorder=3)
     axis.set_xlabel("recall (boxes, IoU >= 0.5)")
@@ -161,7 +177,7 @@ def _report(metrics: dict, gallery: dict[str, list[str]]) -> str:
         *(
             f"| {name} | {m['threshold']} | {m['precision']} | {m['recall']} | {m['f1']} "
             f"| {m['false_alarms_per_image']} |"
-            for name, m in (("detector", d), ("detector + VLM", c))
+            for name, m in ((SYSTEMS[key], metrics[key]) for key in SYSTEMS)
         ),
         "",
         "Per class (class-aware matching):",

@@ -27,7 +27,7 @@ def run_cascade(params: Params, run: str, detector: str | None, split_dir: str, 
     splits = read_splits(split_dir, ("val", "test"))
     out = Path(out) / "cascade"
     metrics = evaluate_cascade(params, loaded, proposer, splits, out)
-    for name in ("detector", "cascade"):
+    for name in ("detector", "cascade", "agree"):
         m = metrics[name]
         console.print(
             f"{name}: precision {m['precision']}, recall {m['recall']}, F1 {m['f1']}, "
