@@ -362,3 +362,33 @@ def test_one_pass_judges_each_region_with_the_regions_before_it_normal(
         assert region["p_abnormal"] == pytest.approx(expected["score"], abs=1e-5)
         assert region["class_probs"] == pytest.approx(expected["class_probs"], abs=1e-5)
         assert region["cls"] == max(expected["class_probs"], key=expected["class_probs"].get)
+
+
+def test_serve_s_one_batch_is_never_split_across_calls(trained_one_region, images, monkeypatch):
+    """batch_size None (serve: every prompt of a batch of requests together) scores all the
+    prompts in one call of the scoring pass, however many there are; predict's batches of 8 come
+    two to a call."""
+    import defectvlm.inference.predict as predict_module
+    from defectvlm.inference.predict import ImageToJudge, judge_images
+    from defectvlm.inference.sources import Region
+
+    loaded = load_model(trained_one_region)
+    path = str(images / good_names(images)[0])
+    width, height = load_upright(path).size
+    boxes = [(10.0 + 30 * k, 20.0, 60.0 + 30 * k, 90.0) for k in range(20)]  # 20 one-region prompts
+    calls = []
+    score_samples = predict_module.score_samples
+    monkeypatch.setattr(
+        predict_module,
+        "score_samples",
+        lambda m, p, samples, *a: calls.append(len(samples)) or score_samples(m, p, samples, *a),
+    )
+    judged = ImageToJudge(path, path, width, height, [Region(box, "test") for box in boxes])
+    served = judge_images(loaded, [judged], threshold=0.5, batch_size=None)[0]
+    assert calls == [20]
+    calls.clear()
+    predicted = judge_images(loaded, [judged], threshold=0.5)[0]
+    assert calls == [16, 4]
+    assert [r["p_abnormal"] for r in served["regions"]] == pytest.approx(
+        [r["p_abnormal"] for r in predicted["regions"]], abs=1e-5
+    )

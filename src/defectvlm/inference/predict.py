@@ -226,8 +226,9 @@ def _score(loaded: LoadedModel, samples: list[dict], batch_size: int, progress: 
     rows = {}
     with Progress(disable=not progress, transient=True) as bar:
         task = bar.add_task(title, total=len(samples))
-        for start in range(0, len(samples), CHUNK):
-            part = samples[start : start + CHUNK]
+        step = max(CHUNK, batch_size)  # a batch is never split across calls (serve: one batch of all)
+        for start in range(0, len(samples), step):
+            part = samples[start : start + step]
             for row in score_samples(loaded.model, loaded.processor, part, loaded.config.classes, batch_size):
                 rows[(row["image_id"], row["rid"])] = row
             bar.advance(task, len(part))
