@@ -46,7 +46,7 @@ def test_repo_params_load_and_every_field_is_documented():
         ("serve:\n  port: '80'\n", 2, "serve.port: expected int, got str '80'"),
         ("ingest:\n  image_extensions:\n    - .jpg\n    - 5\n", 4, "ingest.image_extensions[1]: expected str"),
         ("train:\n  lora: [1]\n", 2, "train.lora: expected a mapping, got list"),
-        ("detector:\n  backend: yolo\n", 2, "detector.backend: must be one of centernet; got 'yolo'"),
+        ("detector:\n  backend: yolo\n", 2, "detector.backend: must be one of centernet, ultralytics; got 'yolo'"),
         # a rule broken by a default the file does not set is blamed on the nearest key the file has
         ("data:\n  normal_root: n\ntrain:\n  metric_for_best_model: eval_loss\n", 3, "train.greater_is_better"),
     ],

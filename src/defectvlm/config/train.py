@@ -181,24 +181,35 @@ class RegistryParams(Section):
 class DetectorParams(Section):
     """The proposal detector of the cascade (`train-detector`): trained from scratch on the VLM's train/val split."""
 
-    backend: Literal["centernet"] = Field(
+    backend: Literal["centernet", "ultralytics"] = Field(
         "centernet",
-        description="centernet: a small CNN with a centre-heatmap head (torch, BSD; ONNX export). No download.",
+        description="centernet: a small CNN with a centre-heatmap head (torch, BSD; ONNX export). No download. "
+        "ultralytics: a YOLO model trained from scratch with the optional extra defectvlm[ultralytics] (AGPL-3.0; "
+        "offline, no weight download), exported to the same ONNX layout.",
+    )
+    ultralytics_model: str = Field(
+        "yolo11n.yaml",
+        description="ultralytics backend: the model config trained from scratch (a .yaml of the package or a file; "
+        "never .pt weights).",
     )
     output_dir: str = Field(
         "runs/detector", description="Weights, detector.onnx, metrics.json and detector.json go here."
     )
-    input_size: int = Field(512, description="Side of the square letterboxed input in pixels (a multiple of 16).")
+    input_size: int = Field(
+        512, description="Side of the square letterboxed input in pixels (a multiple of 16; of 32 for ultralytics)."
+    )
     crop_size: int = Field(
-        256, description="Training crops of the letterboxed image (a multiple of 16, <= input_size)."
+        256, description="centernet: training crops of the letterboxed image (a multiple of 16, <= input_size)."
     )
     width: Annotated[int, AtLeastOne] = Field(
-        16, description="Channels of the first stage (the network grows from there)."
+        16, description="centernet: channels of the first stage (the network grows from there)."
     )
     steps: Annotated[int, AtLeastOne] = Field(
-        1500, description="Optimizer steps (fixed, not timed: same inputs give the same weights)."
+        1500,
+        description="Optimizer steps (fixed, not timed: same inputs give the same weights); ultralytics trains "
+        "whole epochs: steps rounded up to epochs of ceil(train images / batch_size) steps.",
     )
-    batch_size: Annotated[int, AtLeastOne] = Field(8, description="Crops per step.")
+    batch_size: Annotated[int, AtLeastOne] = Field(8, description="Crops (ultralytics: images) per step.")
     lr: Float = Field(3e-3, description="AdamW learning rate (cosine decay, 5 % warm-up).")
     confidence: Annotated[Float, Fraction] = Field(
         0.05,
@@ -219,4 +230,8 @@ class DetectorParams(Section):
             fail("crop_size", f"must be <= input_size ({self.input_size}), got {self.crop_size}")
         if self.lr <= 0:
             fail("lr", f"must be > 0, got {self.lr}")
+        if not self.ultralytics_model.endswith((".yaml", ".yml")):
+            fail("ultralytics_model", f"must be a model config (.yaml), never weights, got {self.ultralytics_model!r}")
+        if self.backend == "ultralytics" and self.input_size % 32:
+            fail("input_size", f"must be a multiple of 32 with the ultralytics backend, got {self.input_size}")
         return self

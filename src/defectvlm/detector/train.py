@@ -5,6 +5,8 @@ generators seeded by `detector.seed`, on a fixed number of threads, so the same 
 parameters give the same weights. The output folder holds `model.pt` (state dict),
 `detector.onnx` (what inference runs), `detector.json` (classes, input size, confidence, NMS,
 budget) and `metrics.json` (val mAP@0.5, recall at the proposal budget, ONNX parity and speed).
+`detector.backend: ultralytics` trains a YOLO model instead (ultralytics_backend.py, an optional
+AGPL-3.0 extra) into the same files, evaluated by the same code below.
 """
 
 from __future__ import annotations
@@ -115,6 +117,10 @@ def train_detector(params: Params, split_dir: Path, log=print) -> dict:
     min_box = params.regions.min_box_size
     splits = read_splits(split_dir, ("train", "val"))
     classes = split_classes(splits, min_box)
+    if p.backend == "ultralytics":
+        from defectvlm.detector.ultralytics_backend import train_ultralytics
+
+        return train_ultralytics(params, splits, classes, log)
     net, losses, train_seconds = fit(splits["train"], classes, p, min_box, log)
     window = max(1, min(20, p.steps // 4))  # steps averaged for the first and the final loss
 
@@ -122,16 +128,7 @@ def train_detector(params: Params, split_dir: Path, log=print) -> dict:
     buffer = io.BytesIO()
     torch.save(net.state_dict(), buffer)
     write_bytes_atomic(out / WEIGHTS_FILE, buffer.getvalue())
-    config = {
-        "backend": p.backend,
-        "classes": classes,
-        "input_size": p.input_size,
-        "width": p.width,
-        "confidence": p.confidence,
-        "nms_iou": p.nms_iou,
-        "max_boxes": params.regions.max_boxes_per_image,
-        "min_box_size": min_box,
-    }
+    config = detector_config(params, classes, width=p.width)
     write_json_atomic(out / CONFIG_FILE, config)
     export_onnx(net, classes, p.input_size, out / ONNX_FILE)
 
@@ -144,12 +141,28 @@ def train_detector(params: Params, split_dir: Path, log=print) -> dict:
         "first_loss": round(float(np.mean(losses[:window])), 4),
         "final_loss": round(float(np.mean(losses[-window:])), 4),
         "onnx_parity": onnx_parity(net, detector, splits["val"][:2], p.input_size),
-        "onnx_images_per_second": round(len(val) / max(sum(t for _, t in val.values()), 1e-9), 2),
+        "onnx_images_per_second": images_per_second(val),
         "classes": classes,
         "threads": p.threads,
     }
     write_json_atomic(out / METRICS_FILE, metrics)
     return metrics
+
+
+def detector_config(params: Params, classes: list[str], **backend_keys) -> dict:
+    """detector.json: what inference needs (classes, input size, confidence, NMS, budget), with the
+    backend's own keys after the input size."""
+    p = params.detector
+    return {
+        "backend": p.backend,
+        "classes": classes,
+        "input_size": p.input_size,
+        **backend_keys,
+        "confidence": p.confidence,
+        "nms_iou": p.nms_iou,
+        "max_boxes": params.regions.max_boxes_per_image,
+        "min_box_size": params.regions.min_box_size,
+    }
 
 
 def export_onnx(net: TinyCenterNet, classes: list[str], size: int, path: Path) -> None:
@@ -179,6 +192,11 @@ def detect_split(detector: OnnxDetector, records: list[dict], config: dict) -> d
         detections = detector.detect(image, config["confidence"], config["nms_iou"], config["max_boxes"])
         found[record["id"]] = (detections, time.perf_counter() - started)
     return found
+
+
+def images_per_second(found: dict[str, tuple[list, float]]) -> float:
+    """ONNX speed over detect_split's timings (letterbox, inference, decoding)."""
+    return round(len(found) / max(sum(t for _, t in found.values()), 1e-9), 2)
 
 
 def evaluation_pairs(found: dict, records: list[dict], min_box_size: float) -> list[tuple[list[Box], list[Box]]]:
