@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from defectvlm.cluster.pipeline import add_arguments as add_pipeline_arguments
@@ -248,7 +249,7 @@ def report_failure(exc: BaseException, params_values: Callable[[], dict], debug:
     code, kind, message = explained
     if debug or os.environ.get("DEFECTVLM_DEBUG", "0") not in ("", "0"):
         console.print_exception()
-    console.print(f"[red]{kind}[/]: {message}", highlight=False)
+    console.print(f"[red]{kind}[/]: {escape(message)}", highlight=False)  # a message's [..] is text, not markup
     return code
 
 
