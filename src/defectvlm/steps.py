@@ -243,8 +243,8 @@ STEPS: dict[str, Step] = {
             ),
             (
                 *reads.CORE,
-                *(reads.SRC + f"detector/{f}.py" for f in ("data", "loading", "metrics", "model", "runtime")),
-                *(reads.SRC + f"detector/{f}.py" for f in ("tracking", "train", "ultralytics_backend")),
+                *(reads.SRC + f"detector/{f}.py" for f in ("data", "loading", "metrics", "model", "outputs")),
+                *(reads.SRC + f"detector/{f}.py" for f in ("runtime", "tracking", "train", "ultralytics_backend")),
                 *(reads.SRC + f"data/{f}.py" for f in ("boxes", "images", "yolo_export")),
                 *(reads.SRC + f"tracking/{f}.py" for f in ("lineage", "mlflow_tracking", "registry")),
             ),

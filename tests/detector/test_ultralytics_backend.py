@@ -3,6 +3,7 @@ CI) an offline from-scratch training on a few generated images into centernet's 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -10,6 +11,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
@@ -17,7 +19,13 @@ from defectvlm.config import load_params
 from defectvlm.detector.loading import open_detector
 from defectvlm.detector.runtime import OnnxDetector
 from defectvlm.detector.train import train_detector
-from defectvlm.detector.ultralytics_backend import MISSING, OFFLINE_ENV, check_model_config, write_dataset
+from defectvlm.detector.ultralytics_backend import (
+    MISSING,
+    OFFLINE_ENV,
+    check_model_config,
+    import_ultralytics,
+    write_dataset,
+)
 from defectvlm.errors import StepFailure
 from defectvlm.io import read_splits
 from tests.conftest import run_cli
@@ -81,11 +89,11 @@ def test_missing_ultralytics_says_how_to_install_and_what_the_licence_means(tmp_
 
 
 def import_offline(monkeypatch) -> list:
-    """Network blocked, the backend's environment set (importorskip imports first), ultralytics or a skip."""
+    """Network blocked, ultralytics imported the backend's way (offline, process globals put back), or a skip."""
     attempts = block_network(monkeypatch)
-    for key, value in OFFLINE_ENV.items():
-        monkeypatch.setenv(key, value)
-    pytest.importorskip("ultralytics", reason='the optional extra: pip install "defectvlm[ultralytics]" (AGPL-3.0)')
+    if importlib.util.find_spec("ultralytics") is None:
+        pytest.skip('the optional extra: pip install "defectvlm[ultralytics]" (AGPL-3.0)')
+    import_ultralytics()
     return attempts
 
 
@@ -129,6 +137,11 @@ def test_trains_from_scratch_offline_into_centernet_s_outputs(tmp_path, monkeypa
     data_yaml = write_dataset(splits, ["dark", "light"], 8.0, tmp_path / "dataset").read_text()
     assert data_yaml.startswith("train: images/train\nval: images/val\nnames:")  # test never written
     assert (tmp_path / "dataset" / "labels" / "train" / "train" / "6.txt").read_text() == ""  # the normal image
+
+    # importing ultralytics patched PIL.Image.open, torch.save and numpy's print options: all put back
+    from defectvlm.data.images import probe_bytes
+
+    assert probe_bytes(b"hello").error == "not_an_image" and str(np.array([0.5])) == "[0.5]"
 
     again = detector_params(tmp_path / "again.yaml", tmp_path / "again", **TINY)
     assert run_cli("train-detector", "--params", again, "--in", split, "--no-tracking") == 0

@@ -12,7 +12,6 @@ AGPL-3.0 extra) into the same files, evaluated by the same code below.
 from __future__ import annotations
 
 import io
-import json
 import math
 import time
 import warnings
@@ -26,17 +25,22 @@ from torchvision.ops import generalized_box_iou_loss
 from defectvlm.config import DetectorParams, Params
 from defectvlm.data.images import load_upright
 from defectvlm.detector.data import batch, letterbox_records, truth_boxes
-from defectvlm.detector.metrics import Box, detector_metrics
+from defectvlm.detector.loading import CONFIG_FILE, ONNX_FILE
+from defectvlm.detector.metrics import detector_metrics
 from defectvlm.detector.model import ProposalHead, TinyCenterNet
+from defectvlm.detector.outputs import (
+    METRICS_FILE,
+    ONNX_OPSET,
+    WEIGHTS_FILE,
+    detect_split,
+    detector_config,
+    evaluation_pairs,
+    images_per_second,
+)
 from defectvlm.detector.runtime import OnnxDetector, to_input
 from defectvlm.errors import StepFailure
 from defectvlm.io import read_splits, write_bytes_atomic, write_json_atomic
 
-ONNX_FILE = "detector.onnx"
-CONFIG_FILE = "detector.json"
-WEIGHTS_FILE = "model.pt"
-METRICS_FILE = "metrics.json"
-ONNX_OPSET = 17
 BOX_LOSS_WEIGHT = 2.0
 
 
@@ -149,22 +153,6 @@ def train_detector(params: Params, split_dir: Path, log=print) -> dict:
     return metrics
 
 
-def detector_config(params: Params, classes: list[str], **backend_keys) -> dict:
-    """detector.json: what inference needs (classes, input size, confidence, NMS, budget), with the
-    backend's own keys after the input size."""
-    p = params.detector
-    return {
-        "backend": p.backend,
-        "classes": classes,
-        "input_size": p.input_size,
-        **backend_keys,
-        "confidence": p.confidence,
-        "nms_iou": p.nms_iou,
-        "max_boxes": params.regions.max_boxes_per_image,
-        "min_box_size": params.regions.min_box_size,
-    }
-
-
 def export_onnx(net: TinyCenterNet, classes: list[str], size: int, path: Path) -> None:
     """The network with its decoding, fixed input [1, 3, size, size], class names as metadata."""
     import onnx
@@ -181,32 +169,6 @@ def export_onnx(net: TinyCenterNet, classes: list[str], size: int, path: Path) -
     entry = model.metadata_props.add()
     entry.key, entry.value = "names", repr(dict(enumerate(classes)))
     write_bytes_atomic(path, model.SerializeToString())
-
-
-def detect_split(detector: OnnxDetector, records: list[dict], config: dict) -> dict[str, tuple[list, float]]:
-    """image id -> (detections at the proposal confidence and budget, seconds taken)."""
-    found = {}
-    for record in records:
-        image = load_upright(record["path"])
-        started = time.perf_counter()
-        detections = detector.detect(image, config["confidence"], config["nms_iou"], config["max_boxes"])
-        found[record["id"]] = (detections, time.perf_counter() - started)
-    return found
-
-
-def images_per_second(found: dict[str, tuple[list, float]]) -> float:
-    """ONNX speed over detect_split's timings (letterbox, inference, decoding)."""
-    return round(len(found) / max(sum(t for _, t in found.values()), 1e-9), 2)
-
-
-def evaluation_pairs(found: dict, records: list[dict], min_box_size: float) -> list[tuple[list[Box], list[Box]]]:
-    return [
-        (
-            [Box(d.xyxy, d.cls, d.score) for d in found[r["id"]][0]],
-            [Box(b["xyxy"], b["cls"]) for b in truth_boxes(r, min_box_size)],
-        )
-        for r in records
-    ]
 
 
 def onnx_parity(net: TinyCenterNet, detector: OnnxDetector, records: list[dict], size: int) -> dict:
@@ -229,11 +191,3 @@ def onnx_parity(net: TinyCenterNet, detector: OnnxDetector, records: list[dict],
         diff = np.abs(expected - got) / np.maximum(1.0, np.abs(expected))
         worst = max(worst, float(diff[same].max(initial=0.0)))
     return {"max_rel_diff": float(f"{worst:.3g}"), "peak_flip_share": round(flips / max(cells, 1), 6)}
-
-
-def read_config(folder: Path) -> dict:
-    path = folder / CONFIG_FILE
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except OSError:
-        raise StepFailure(f"{folder}: not a detector folder (no {CONFIG_FILE}); run train-detector") from None

@@ -30,6 +30,7 @@ paths, so the output folder as a whole is not byte-identical (centernet's is).
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import shutil
@@ -47,12 +48,10 @@ from defectvlm.config import Params
 from defectvlm.data.images import load_upright
 from defectvlm.data.yolo_export import export_yolo
 from defectvlm.detector.data import truth_boxes
+from defectvlm.detector.loading import CONFIG_FILE, ONNX_FILE
 from defectvlm.detector.metrics import detector_metrics
-from defectvlm.detector.runtime import OnnxDetector, letterbox, to_input
-from defectvlm.detector.train import (
-    CONFIG_FILE,
+from defectvlm.detector.outputs import (
     METRICS_FILE,
-    ONNX_FILE,
     ONNX_OPSET,
     WEIGHTS_FILE,
     detect_split,
@@ -60,6 +59,7 @@ from defectvlm.detector.train import (
     evaluation_pairs,
     images_per_second,
 )
+from defectvlm.detector.runtime import OnnxDetector, letterbox, to_input
 from defectvlm.errors import StepFailure
 from defectvlm.io import write_bytes_atomic, write_json_atomic
 
@@ -83,12 +83,24 @@ MISSING = (
 
 
 def import_ultralytics():
-    """The `ultralytics` package, imported offline; a StepFailure saying how to install it when missing."""
+    """The `ultralytics` package, imported offline; a StepFailure saying how to install it when missing.
+
+    Importing it patches process globals: `PIL.Image.open` (an unreadable file then makes it try to
+    install and load a HEIF plugin), `torch.save`, numpy's and torch's print options. They are put
+    back as they were, so the rest of defectvlm in this process (an image check, a saved tensor, a
+    printed array) behaves the same whether or not this backend ran."""
+    from PIL import Image
+
     os.environ.update(OFFLINE_ENV)
+    saved = Image.open, torch.save, np.get_printoptions(), copy.copy(torch._tensor_str.PRINT_OPTS)
     try:
         import ultralytics
     except ImportError:
         raise StepFailure(MISSING) from None
+    finally:
+        Image.open, torch.save, numpy_options, torch_options = saved
+        np.set_printoptions(**numpy_options)
+        torch._tensor_str.PRINT_OPTS = torch_options
     return ultralytics
 
 
