@@ -43,7 +43,8 @@ CONDITIONAL = {
     "ingest": {"labels.unknown_label", "labels.background_images", "labels.use_predictions"},
     "split": {"split.group_depth", "split.group_regex"},  # group_by: parent_depth / regex
     # decoy_count: fixed (the recorded run: negatives_from both, its fold detectors on detector.steps)
-    "regions": {"regions.normal_decoys_per_image"},
+    # misplaced_per_pos 0: the misplaced boxes' IoU limit is never needed
+    "regions": {"regions.normal_decoys_per_image", "regions.misplaced_max_iou"},
     "sft": {  # language: en; format: swift | llamafactory | yolo
         "src/defectvlm/data/templates/en.yaml",
         "src/defectvlm/data/exports.py",
@@ -63,7 +64,13 @@ CONDITIONAL = {
         "src/defectvlm/train/data.py",
     },
     # the recorded run's two-step detector predicts no box, so its box metrics never match one (iou)
-    "train_detector": {"src/defectvlm/data/boxes.py"},
+    # backend: ultralytics (the optional extra) trains a YOLO on the split written as its dataset
+    "train_detector": {
+        "src/defectvlm/data/boxes.py",
+        "detector.ultralytics_model",
+        "src/defectvlm/detector/ultralytics_backend.py",
+        "src/defectvlm/data/yolo_export.py",
+    },
 }
 # a model.family other than qwen2_5_vl builds its tiny model there
 for _step in ("train_phase1", "train_phase2", "train_phase3", "evaluate", "predict", "export"):
