@@ -111,6 +111,7 @@ def test_trains_from_scratch_offline_into_centernet_s_outputs(tmp_path, monkeypa
     attempts = import_offline(monkeypatch)
     split = write_split(tmp_path / "split")
     params = detector_params(tmp_path / "params.yaml", tmp_path / "run", **TINY)
+    scratch = set(Path(tempfile.gettempdir()).glob("defectvlm-yolo-*"))  # left by a run killed earlier, if any
     assert run_cli("train-detector", "--params", params, "--in", split, "--no-tracking") == 0
     out = tmp_path / "run"
 
@@ -131,7 +132,7 @@ def test_trains_from_scratch_offline_into_centernet_s_outputs(tmp_path, monkeypa
     assert found and all(d.cls in COLOURS and 0 <= d.xyxy[0] < d.xyxy[2] <= 96 for d in found)
 
     assert sorted(p.name for p in out.iterdir()) == ["detector.json", "detector.onnx", "metrics.json", "ultralytics"]
-    assert not list(Path(tempfile.gettempdir()).glob("defectvlm-yolo-*"))  # the dataset copy is gone
+    assert set(Path(tempfile.gettempdir()).glob("defectvlm-yolo-*")) == scratch  # the dataset copy is gone
 
     splits = read_splits(split, ("train", "val"))
     data_yaml = write_dataset(splits, ["dark", "light"], 8.0, tmp_path / "dataset").read_text()
