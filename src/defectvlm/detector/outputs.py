@@ -1,21 +1,57 @@
-"""What every detector backend writes and how it is measured: the output folder's other file
-names (detector.json and detector.onnx are named in loading.py, which inference opens),
-detector.json, and the val pass (the ONNX detector at the proposal settings, timed) whose boxes
-give metrics.json's mAP and recall. train.py (centernet) and ultralytics_backend.py share it."""
+"""What every detector backend writes and how it is measured, once for all (train.py's centernet,
+ultralytics_backend.py): after a backend has written detector.onnx, `write_outputs` writes
+detector.json, runs the ONNX detector on val at the proposal settings (timed) and writes
+metrics.json (val mAP and recall at the budget, the backend's training figures, parity, speed).
+detector.json and detector.onnx are named in loading.py, which inference opens."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 from defectvlm.config import Params
 from defectvlm.data.images import load_upright
 from defectvlm.detector.data import truth_boxes
-from defectvlm.detector.metrics import Box
+from defectvlm.detector.loading import CONFIG_FILE, ONNX_FILE
+from defectvlm.detector.metrics import Box, detector_metrics
 from defectvlm.detector.runtime import OnnxDetector
+from defectvlm.errors import StepFailure
+from defectvlm.io import write_json_atomic
 
 WEIGHTS_FILE = "model.pt"
 METRICS_FILE = "metrics.json"
 ONNX_OPSET = 17
+
+
+def write_outputs(
+    params: Params,
+    val_records: list[dict],
+    classes: list[str],
+    backend_keys: dict,
+    training: dict,
+    parity: Callable[[OnnxDetector], dict],
+) -> dict:
+    """detector.json (with the backend's `backend_keys`) and metrics.json (with its `training` figures and
+    `parity`, torch vs the ONNX detector) for the detector.onnx in detector.output_dir; returns the metrics."""
+    p = params.detector
+    out = Path(p.output_dir)
+    config = detector_config(params, classes, **backend_keys)
+    write_json_atomic(out / CONFIG_FILE, config)
+    detector = OnnxDetector(out / ONNX_FILE, threads=p.threads)
+    if detector.classes != classes:
+        raise StepFailure(f"{out / ONNX_FILE}: classes {detector.classes}, expected {classes}")
+    val = detect_split(detector, val_records, config)
+    metrics = {
+        "val": detector_metrics(evaluation_pairs(val, val_records, params.regions.min_box_size), classes),
+        **training,
+        "onnx_parity": parity(detector),
+        "onnx_images_per_second": images_per_second(val),
+        "classes": classes,
+        "threads": p.threads,
+    }
+    write_json_atomic(out / METRICS_FILE, metrics)
+    return metrics
 
 
 def detector_config(params: Params, classes: list[str], **backend_keys) -> dict:

@@ -15,6 +15,7 @@ import io
 import math
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -25,21 +26,12 @@ from torchvision.ops import generalized_box_iou_loss
 from defectvlm.config import DetectorParams, Params
 from defectvlm.data.images import load_upright
 from defectvlm.detector.data import batch, letterbox_records, truth_boxes
-from defectvlm.detector.loading import CONFIG_FILE, ONNX_FILE
-from defectvlm.detector.metrics import detector_metrics
+from defectvlm.detector.loading import ONNX_FILE
 from defectvlm.detector.model import ProposalHead, TinyCenterNet
-from defectvlm.detector.outputs import (
-    METRICS_FILE,
-    ONNX_OPSET,
-    WEIGHTS_FILE,
-    detect_split,
-    detector_config,
-    evaluation_pairs,
-    images_per_second,
-)
+from defectvlm.detector.outputs import ONNX_OPSET, WEIGHTS_FILE, write_outputs
 from defectvlm.detector.runtime import OnnxDetector, to_input
 from defectvlm.errors import StepFailure
-from defectvlm.io import read_splits, write_bytes_atomic, write_json_atomic
+from defectvlm.io import read_splits, write_bytes_atomic
 
 BOX_LOSS_WEIGHT = 2.0
 
@@ -132,25 +124,15 @@ def train_detector(params: Params, split_dir: Path, log=print) -> dict:
     buffer = io.BytesIO()
     torch.save(net.state_dict(), buffer)
     write_bytes_atomic(out / WEIGHTS_FILE, buffer.getvalue())
-    config = detector_config(params, classes, width=p.width)
-    write_json_atomic(out / CONFIG_FILE, config)
     export_onnx(net, classes, p.input_size, out / ONNX_FILE)
-
-    detector = OnnxDetector(out / ONNX_FILE, threads=p.threads)
-    val = detect_split(detector, splits["val"], config)
-    metrics = {
-        "val": detector_metrics(evaluation_pairs(val, splits["val"], min_box), classes),
+    training = {
         "train_seconds": round(train_seconds, 1),
         "steps": p.steps,
         "first_loss": round(float(np.mean(losses[:window])), 4),
         "final_loss": round(float(np.mean(losses[-window:])), 4),
-        "onnx_parity": onnx_parity(net, detector, splits["val"][:2], p.input_size),
-        "onnx_images_per_second": images_per_second(val),
-        "classes": classes,
-        "threads": p.threads,
     }
-    write_json_atomic(out / METRICS_FILE, metrics)
-    return metrics
+    parity = partial(onnx_parity, net, records=splits["val"][:2], size=p.input_size)
+    return write_outputs(params, splits["val"], classes, {"width": p.width}, training, parity)
 
 
 def export_onnx(net: TinyCenterNet, classes: list[str], size: int, path: Path) -> None:

@@ -39,6 +39,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -48,20 +49,11 @@ from defectvlm.config import Params
 from defectvlm.data.images import load_upright
 from defectvlm.data.yolo_export import export_yolo
 from defectvlm.detector.data import truth_boxes
-from defectvlm.detector.loading import CONFIG_FILE, ONNX_FILE
-from defectvlm.detector.metrics import detector_metrics
-from defectvlm.detector.outputs import (
-    METRICS_FILE,
-    ONNX_OPSET,
-    WEIGHTS_FILE,
-    detect_split,
-    detector_config,
-    evaluation_pairs,
-    images_per_second,
-)
+from defectvlm.detector.loading import ONNX_FILE
+from defectvlm.detector.outputs import ONNX_OPSET, WEIGHTS_FILE, write_outputs
 from defectvlm.detector.runtime import OnnxDetector, letterbox, to_input
 from defectvlm.errors import StepFailure
-from defectvlm.io import write_bytes_atomic, write_json_atomic
+from defectvlm.io import write_bytes_atomic
 
 DATASET_DIR = "yolo_dataset"
 RUN_DIR = "ultralytics"
@@ -221,26 +213,16 @@ def train_ultralytics(params: Params, splits: dict[str, list[dict]], classes: li
         torch.set_num_threads(p.threads)
         write_portable_onnx(Path(exported), out, Path(scratch))
 
-    config = detector_config(params, classes, model=p.ultralytics_model, ultralytics=ultralytics.__version__)
-    write_json_atomic(out / CONFIG_FILE, config)
-    detector = OnnxDetector(out / ONNX_FILE, threads=p.threads)
-    if detector.classes != classes:
-        raise StepFailure(f"{out / ONNX_FILE}: classes {detector.classes}, expected {classes}")
-    val = detect_split(detector, splits["val"], config)
-    metrics = {
-        "val": detector_metrics(evaluation_pairs(val, splits["val"], params.regions.min_box_size), classes),
+    training = {
         "train_seconds": round(train_seconds, 1),
         "steps": epochs * math.ceil(len(splits["train"]) / p.batch_size),
         "epochs": epochs,
         "first_loss": round(losses[0], 4),
         "final_loss": round(losses[-1], 4),
-        "onnx_parity": onnx_parity(model.model, detector, splits["val"][:2], p.input_size),
-        "onnx_images_per_second": images_per_second(val),
-        "classes": classes,
-        "threads": p.threads,
     }
-    write_json_atomic(out / METRICS_FILE, metrics)
-    return metrics
+    keys = {"model": p.ultralytics_model, "ultralytics": ultralytics.__version__}
+    parity = partial(onnx_parity, model.model, records=splits["val"][:2], size=p.input_size)
+    return write_outputs(params, splits["val"], classes, keys, training, parity)
 
 
 def _fit(params: Params, data_yaml: Path, epochs: int, out: Path, log) -> tuple:
