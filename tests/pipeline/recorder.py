@@ -6,7 +6,8 @@ of it. Not reads: loading and validating the params file (the config package's `
 touch every key of every step),
 `params_to_dict` (a copy of the whole file: the record a phase keeps in params.json, or the base
 of `-S` overrides), and MLflow logging (tracking/lineage.py, tracking/mlflow_tracking.py read every
-key to record it: the pipeline key, the flattened params, the lineage tags), except for a step
+key to record it: the pipeline key, the flattened params, the lineage tags; tracking/store_lock.py
+serialises the parent run's creation), except for a step
 whose output is that record (register: `records=True`). Only sections reached from a `Params`
 object count (evaluate rebuilds a phase's settings from the saved adapter: not params).
 """
@@ -26,7 +27,7 @@ from defectvlm.config import Params
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 _PACKAGE = SRC / "defectvlm"
-_RECORDING = {str(_PACKAGE / "tracking" / "lineage.py"), str(_PACKAGE / "tracking" / "mlflow_tracking.py")}
+_RECORDING = {str(_PACKAGE / "tracking" / f) for f in ("lineage.py", "mlflow_tracking.py", "store_lock.py")}
 _CONFIG = str(_PACKAGE / "config")
 _COPYING = {
     "load_params",

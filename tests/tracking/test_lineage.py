@@ -178,3 +178,67 @@ def test_a_cluster_step_gets_the_data_version_and_logs_the_dvc_lock_it_ran_with(
     run_folder = Params(train=TrainParams(output_dir=str(checkout / "workspace" / "runs" / "job1")))
     assert lineage_tags(run_folder, Path("sft"))["data.version"] == "data@v7"
     assert lineage_files(run_folder) == lineage
+
+
+def test_steps_that_start_together_share_one_parent_run(checkout, monkeypatch):
+    """Two steps of one pipeline execution that both look before either creates (parallel DAG
+    branches, concurrent registrations) end with one parent run, the same for both."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    params = params_from_dict({"tracking": {"uri": f"sqlite:///{checkout / 'mlflow.db'}"}})
+    parent_run_id(params, Path("sft.other"))  # the store's tables exist before the race
+    search, barrier, first = mlflow.MlflowClient.search_runs, threading.Barrier(2), threading.local()
+
+    def search_together(self, *args, **kwargs):
+        found = search(self, *args, **kwargs)
+        if not getattr(first, "done", False):
+            first.done = True
+            barrier.wait(timeout=60)  # both have found no parent run
+        return found
+
+    with monkeypatch.context() as patched, ThreadPoolExecutor(2) as pool:
+        patched.setattr(mlflow.MlflowClient, "search_runs", search_together)
+        ids = list(pool.map(lambda _: parent_run_id(params, Path("sft")), range(2)))
+    assert ids[0] == ids[1]
+    client = mlflow.MlflowClient(tracking_uri=params.tracking.uri)
+    key = pipeline_key(params, Path("sft"))
+    experiment = client.get_experiment_by_name(params.tracking.experiment).experiment_id
+    runs = client.search_runs([experiment], filter_string=f"tags.`defectvlm.pipeline_key` = '{key}'")
+    assert [r.info.run_id for r in runs] == [ids[0]]
+    assert client.get_run(ids[0]).data.params  # the survivor carries the parameters
+
+
+def test_a_dataset_input_lost_to_a_concurrent_insert_is_linked_on_the_next_attempt(checkout, monkeypatch):
+    """A PostgreSQL-backed server answers the loser of two inserts of one new dataset with a
+    unique-constraint error; the step logs its input again instead of failing."""
+    from mlflow.exceptions import MlflowException
+
+    from defectvlm.tracking.mlflow_tracking import step_run
+
+    params = params_from_dict({"tracking": {"uri": f"sqlite:///{checkout / 'mlflow.db'}"}})
+    log_input, calls = mlflow.log_input, []
+
+    def lose_the_first_race(dataset, context=None, **kwargs):
+        calls.append(dataset.name)
+        if len(calls) == 1:
+            raise MlflowException(
+                "BAD_REQUEST: (psycopg2.errors.UniqueViolation) duplicate key value violates unique constraint"
+                ' "dataset_pk"'
+            )
+        return log_input(dataset, context=context, **kwargs)
+
+    monkeypatch.setattr(mlflow, "log_input", lose_the_first_race)
+    with step_run(params, Path("sft"), "evaluate", ("val", "test")) as run:
+        run_id = run.info.run_id
+    assert calls == ["sft.val", "sft.val", "sft.test"]
+    inputs = mlflow.MlflowClient(tracking_uri=params.tracking.uri).get_run(run_id).inputs.dataset_inputs
+    assert sorted(i.dataset.name for i in inputs) == ["sft.test", "sft.val"]
+
+    def refuse(*args, **kwargs):
+        raise MlflowException("RESOURCE_EXHAUSTED: quota")
+
+    monkeypatch.setattr(mlflow, "log_input", refuse)
+    with pytest.raises(MlflowException, match="RESOURCE_EXHAUSTED"):  # other errors are not retried
+        with step_run(params, Path("sft"), "evaluate", ("val",)):
+            pass

@@ -146,6 +146,14 @@ def test_postgres_backed_server_takes_four_concurrent_registrations(evaluated, t
     candidate = client.get_model_version_by_alias("defectvlm-adapter", "candidate")
     assert candidate.version in {v.version for v in versions}
     assert client.get_registered_model("defectvlm-adapter").aliases == {"candidate": candidate.version}
+    assert [m.name for m in client.search_registered_models()] == ["defectvlm-adapter"]  # no lock left behind
+    experiment = client.get_experiment_by_name("team").experiment_id
+    parents = client.search_runs([experiment], "tags.`defectvlm.step` = 'pipeline'")
+    assert len(parents) == 1  # one pipeline execution, one parent run, however many steps raced to create it
+    for v in versions:
+        run = client.get_run(v.run_id)
+        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert {i.dataset.name for i in run.inputs.dataset_inputs} == {"sft.test"}  # every race's loser logged it
     for v in versions:
         files = {Path(f.path).name for f in client.list_artifacts(v.run_id, "adapter")}
         assert {"adapter_model.safetensors", "inference.json"} <= files

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 from defectvlm.config import Params, params_to_dict
 from defectvlm.errors import StepFailure
 from defectvlm.tracking.lineage import lineage_files, lineage_tags, pipeline_key, split_digests
+from defectvlm.tracking.store_lock import retry_lost_insert, store_lock
 
 PIPELINE_KEY_TAG = "defectvlm.pipeline_key"
 STEP_TAG = "defectvlm.step"
@@ -87,22 +88,24 @@ def parent_run_id(params: Params, sft_dir: Path) -> str:
     """The pipeline execution's parent run: found by its key, or created with params and lineage."""
     mlflow = connect(params)
     client = mlflow.MlflowClient()
-    experiment = mlflow.get_experiment_by_name(params.tracking.experiment)
+    experiment_id = mlflow.get_experiment_by_name(params.tracking.experiment).experiment_id
     key = pipeline_key(params, sft_dir)
-    found = client.search_runs(
-        [experiment.experiment_id], filter_string=f"tags.`{PIPELINE_KEY_TAG}` = '{key}'", max_results=1
-    )
+    found = _pipeline_runs(client, experiment_id, key)
     if found:
-        return found[0].info.run_id
-    tags = {PIPELINE_KEY_TAG: key, STEP_TAG: "pipeline", **lineage_tags(params, sft_dir)}
-    run = client.create_run(experiment.experiment_id, run_name=f"pipeline-{key[:8]}", tags=tags)
-    run_id = run.info.run_id
-    flat = flatten_params(params)
-    items = sorted(flat.items())
-    for start in range(0, len(items), 100):  # the REST API takes at most 100 params per call
-        client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in items[start : start + 100]])
-    client.log_dict(run_id, params_to_dict(params), "params.resolved.json")
-    client.set_terminated(run_id)
+        return found[0]
+    # Steps that start together (parallel DAG branches, concurrent registrations) would each find
+    # none and create one: the lookup and the creation (with its parameters) hold a lock on the key.
+    with store_lock(client, f"defectvlm.lock.pipeline.{key[:16]}", f"pipeline run {key[:8]} is being created"):
+        found = _pipeline_runs(client, experiment_id, key)
+        if found:
+            return found[0]
+        tags = {PIPELINE_KEY_TAG: key, STEP_TAG: "pipeline", **lineage_tags(params, sft_dir)}
+        run_id = client.create_run(experiment_id, run_name=f"pipeline-{key[:8]}", tags=tags).info.run_id
+        items = sorted(flatten_params(params).items())
+        for start in range(0, len(items), 100):  # the REST API takes at most 100 params per call
+            client.log_batch(run_id, params=[mlflow.entities.Param(k, v) for k, v in items[start : start + 100]])
+        client.log_dict(run_id, params_to_dict(params), "params.resolved.json")
+        client.set_terminated(run_id)
     return run_id
 
 
@@ -122,7 +125,8 @@ def step_run(params: Params, sft_dir: Path, name: str, inputs: tuple[str, ...]) 
             with warnings.catch_warnings():  # a local path matches two equivalent registered source kinds
                 warnings.simplefilter("ignore", UserWarning)
                 source = resolve_dataset_source(str((sft_dir / f"{split}.jsonl").resolve()))
-            mlflow.log_input(MetaDataset(source, name=f"sft.{split}", digest=digest), context=split)
+            dataset = MetaDataset(source, name=f"sft.{split}", digest=digest)
+            retry_lost_insert(lambda d=dataset, c=split: mlflow.log_input(d, context=c))
         yield run
     mlflow.MlflowClient().set_terminated(parent)
 
@@ -136,6 +140,14 @@ class MlflowTracking:
 
     def phase_logger(self, params: Params, phase: int, table: list[dict]) -> PhaseRun:
         return PhaseRun(step_run(params, self.sft_dir, f"train_phase{phase}", ("train", "val")), params, table)
+
+
+def _pipeline_runs(client, experiment_id: str, key: str) -> list[str]:
+    """The active parent runs with this pipeline key, earliest first."""
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{PIPELINE_KEY_TAG}` = '{key}'", order_by=["attributes.start_time ASC"]
+    )
+    return [r.info.run_id for r in runs]
 
 
 class PhaseRun:

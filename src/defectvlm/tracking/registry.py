@@ -13,23 +13,17 @@ promote re-score the holder on that test set first. Every move is recorded in th
 and the model's tags.
 
 Concurrent moves of one alias are serialised by a lock that works on any tracking store,
-local or remote: clients of a shared server only reach it through its REST API, whose one
-atomic primitive is "create a registered model with a unique name" (a unique key in the
-server's database), so the lock is a registered model `<model>.lock.<alias>` that exists
+local or remote (tracking/store_lock.py): a registered model `<model>.lock.<alias>` that exists
 while someone moves the alias. A promotion decides against the holder it read; if the alias
 moved while it was deciding, it loses and says so instead of overwriting a fresh decision."""
 
 from __future__ import annotations
 
-import contextlib
 import getpass
 import json
 import os
-import random
-import socket
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +32,7 @@ from defectvlm.errors import StepFailure
 from defectvlm.io import read_json_file
 from defectvlm.tracking.lineage import file_md5, split_digests
 from defectvlm.tracking.mlflow_tracking import STEP_TAG, connect, evaluation_metrics, parent_run_id, step_run
+from defectvlm.tracking.store_lock import retry_lost_insert, store_lock
 
 CANDIDATE = "candidate"
 ADAPTER_PATH = "adapter"
@@ -45,8 +40,6 @@ TEST_DIGEST_TAG = "data.sft.test.md5"
 METRIC_TAG = "metric."  # + "test.roi.f1", ...
 PARITY_TAG = "export.parity"  # the export's parity record, set by `defectvlm export`
 HISTORY_LIMIT = 4000  # characters kept in a model's promotion-history tag
-LOCK_WAIT_S = 300.0  # how long a move waits for another move of the same alias
-LOCK_STALE_S = 600.0  # a lock older than this was left by a crashed process: it is broken
 
 
 class PromotionRefused(StepFailure):
@@ -212,53 +205,9 @@ def promote(
     return record
 
 
-@contextlib.contextmanager
-def alias_lock(client, name: str, alias: str) -> Iterator[None]:
-    """Hold the registry-wide lock on moving `name@alias` (see the module doc): a registered
-    model `<name>.lock.<alias>` that only one process can create. Waits up to LOCK_WAIT_S;
-    breaks a lock older than LOCK_STALE_S (its holder crashed)."""
-    from mlflow.exceptions import MlflowException
-
-    lock = f"{name}.lock.{alias}"
-    holder = f"{os.environ.get('DEFECTVLM_USER') or getpass.getuser()}@{socket.gethostname()}:{os.getpid()}"
-    deadline = time.monotonic() + LOCK_WAIT_S
-    while True:
-        try:
-            client.create_registered_model(lock, description=f"{alias} of {name} is being moved by {holder}")
-            break
-        except MlflowException as exc:
-            # the server answers a lost insert race by looking the lock up: when its holder released
-            # it in between, that lookup fails with RESOURCE_DOES_NOT_EXIST: simply try again
-            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-                continue
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        try:
-            created = client.get_registered_model(lock).creation_timestamp / 1000
-        except MlflowException:
-            continue  # released meanwhile
-        if time.time() - created > LOCK_STALE_S:
-            _drop_lock(client, lock)
-        elif time.monotonic() > deadline:
-            raise StepFailure(
-                f"{name}@{alias} has been locked for {time.time() - created:.0f} s by another move "
-                f"(registered model {lock}): try again, or delete {lock} if its process is gone"
-            )
-        time.sleep(random.uniform(0.1, 0.5))
-    try:
-        yield
-    finally:
-        _drop_lock(client, lock)
-
-
-def _drop_lock(client, lock: str) -> None:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.delete_registered_model(lock)
-    except MlflowException as exc:
-        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
+def alias_lock(client, name: str, alias: str):
+    """Hold the registry-wide lock on moving `name@alias` (see the module doc)."""
+    return store_lock(client, f"{name}.lock.{alias}", f"{alias} of {name} is being moved")
 
 
 def _alias_version(client, name: str, alias: str) -> str | None:
@@ -266,19 +215,10 @@ def _alias_version(client, name: str, alias: str) -> str | None:
     return None if version is None else str(version)
 
 
-def set_alias(client, name: str, alias: str, version: str, attempts: int = 5) -> None:
+def set_alias(client, name: str, alias: str, version: str) -> None:
     """Point `alias` at `version`. The server's alias upsert is a read then an insert, so two
     registrations at once can collide on the insert (a unique-key error): try again."""
-    from mlflow.exceptions import MlflowException
-
-    for attempt in range(attempts):
-        try:
-            client.set_registered_model_alias(name, alias, version)
-            return
-        except MlflowException as exc:
-            if "already exists" not in str(exc) or attempt == attempts - 1:
-                raise
-            time.sleep(0.2 * (attempt + 1))
+    retry_lost_insert(lambda: client.set_registered_model_alias(name, alias, version))
 
 
 def parity_failure(params: Params, version) -> str | None:
