@@ -90,15 +90,15 @@ def parent_run_id(params: Params, sft_dir: Path) -> str:
     client = mlflow.MlflowClient()
     experiment_id = mlflow.get_experiment_by_name(params.tracking.experiment).experiment_id
     key = pipeline_key(params, sft_dir)
-    found = _pipeline_runs(client, experiment_id, key)
+    found = _pipeline_run(client, experiment_id, key)
     if found:
-        return found[0]
+        return found
     # Steps that start together (parallel DAG branches, concurrent registrations) would each find
     # none and create one: the lookup and the creation (with its parameters) hold a lock on the key.
     with store_lock(client, f"defectvlm.lock.pipeline.{key[:16]}", f"pipeline run {key[:8]} is being created"):
-        found = _pipeline_runs(client, experiment_id, key)
+        found = _pipeline_run(client, experiment_id, key)
         if found:
-            return found[0]
+            return found
         tags = {PIPELINE_KEY_TAG: key, STEP_TAG: "pipeline", **lineage_tags(params, sft_dir)}
         run_id = client.create_run(experiment_id, run_name=f"pipeline-{key[:8]}", tags=tags).info.run_id
         items = sorted(flatten_params(params).items())
@@ -126,7 +126,7 @@ def step_run(params: Params, sft_dir: Path, name: str, inputs: tuple[str, ...]) 
                 warnings.simplefilter("ignore", UserWarning)
                 source = resolve_dataset_source(str((sft_dir / f"{split}.jsonl").resolve()))
             dataset = MetaDataset(source, name=f"sft.{split}", digest=digest)
-            retry_lost_insert(lambda d=dataset, c=split: mlflow.log_input(d, context=c))
+            retry_lost_insert(mlflow.log_input, dataset, context=split)
         yield run
     mlflow.MlflowClient().set_terminated(parent)
 
@@ -142,12 +142,10 @@ class MlflowTracking:
         return PhaseRun(step_run(params, self.sft_dir, f"train_phase{phase}", ("train", "val")), params, table)
 
 
-def _pipeline_runs(client, experiment_id: str, key: str) -> list[str]:
-    """The active parent runs with this pipeline key, earliest first."""
-    runs = client.search_runs(
-        [experiment_id], filter_string=f"tags.`{PIPELINE_KEY_TAG}` = '{key}'", order_by=["attributes.start_time ASC"]
-    )
-    return [r.info.run_id for r in runs]
+def _pipeline_run(client, experiment_id: str, key: str) -> str | None:
+    """The id of the active parent run with this pipeline key, if there is one."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.`{PIPELINE_KEY_TAG}` = '{key}'", max_results=1)
+    return runs[0].info.run_id if runs else None
 
 
 class PhaseRun:

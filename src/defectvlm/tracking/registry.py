@@ -218,7 +218,7 @@ def _alias_version(client, name: str, alias: str) -> str | None:
 def set_alias(client, name: str, alias: str, version: str) -> None:
     """Point `alias` at `version`. The server's alias upsert is a read then an insert, so two
     registrations at once can collide on the insert (a unique-key error): try again."""
-    retry_lost_insert(lambda: client.set_registered_model_alias(name, alias, version))
+    retry_lost_insert(client.set_registered_model_alias, name, alias, version)
 
 
 def parity_failure(params: Params, version) -> str | None:

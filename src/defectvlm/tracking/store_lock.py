@@ -20,6 +20,7 @@ from defectvlm.errors import StepFailure
 
 LOCK_WAIT_S = 300.0  # how long a client waits for another holder of the same lock
 LOCK_STALE_S = 600.0  # a lock older than this was left by a crashed process: it is broken
+INSERT_ATTEMPTS = 5  # tries of a call that may lose an insert race
 T = TypeVar("T")
 
 
@@ -70,17 +71,17 @@ def _drop_lock(client, lock: str) -> None:
             raise
 
 
-def retry_lost_insert(call: Callable[[], T], attempts: int = 5) -> T:
-    """`call()`, again when the store answers with a unique-key error (it lost an insert race:
-    the row now exists, so the next attempt reads it). Any other error is raised at once."""
+def retry_lost_insert(call: Callable[..., T], *args, **kwargs) -> T:
+    """`call(*args, **kwargs)`, again when the store answers with a unique-key error (it lost an
+    insert race: the row now exists, so the next attempt reads it). Any other error is raised at once."""
     from mlflow.exceptions import MlflowException
 
-    for attempt in range(attempts - 1):
+    for attempt in range(INSERT_ATTEMPTS - 1):
         try:
-            return call()
+            return call(*args, **kwargs)
         except MlflowException as exc:
             text = str(exc).lower()
             if not ("already exists" in text or "unique" in text or "duplicate key" in text):
                 raise
             time.sleep(0.2 * (attempt + 1))
-    return call()
+    return call(*args, **kwargs)
