@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from defectvlm import exact_math
 from defectvlm.config import SftParams
 from defectvlm.data.sft import load_templates, user_content
 from defectvlm.models.families import get_family
@@ -83,9 +84,9 @@ def _texture(rng: np.random.Generator, kind: str, height: int, width: int) -> np
         return rng.uniform(10.0, 35.0) * _upsample(rng.standard_normal((cells, cells)), height, width)
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     angle = rng.uniform(0.0, math.pi)
-    along = x * math.cos(angle) + y * math.sin(angle)
+    along = x * exact_math.cos(angle) + y * exact_math.sin(angle)
     if kind == "stripes":
-        return rng.uniform(8.0, 30.0) * np.sin(2 * math.pi * along / rng.uniform(4.0, 16.0)).astype(np.float32)
+        return rng.uniform(8.0, 30.0) * exact_math.sin(2 * math.pi * along / rng.uniform(4.0, 16.0)).astype(np.float32)
     return (rng.uniform(20.0, 60.0) * (along / max(along.max(), 1.0) - 0.5)).astype(np.float32)
 
 
@@ -126,11 +127,11 @@ def _paint(rng: np.random.Generator, grey: np.ndarray, box: tuple[int, ...], thi
     elif thing == "spots":
         for _ in range(int(rng.integers(3, 12))):
             cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(1.2, max(1.5, min(h, w) / 6))
-            region += sign * contrast * np.clip(r + 0.5 - np.hypot(y - cy, x - cx), 0.0, 1.0)
+            region += sign * contrast * np.clip(r + 0.5 - np.sqrt((y - cy) ** 2 + (x - cx) ** 2), 0.0, 1.0)
     elif thing == "blob":
         lobes, phase, wobble = int(rng.integers(2, 6)), rng.uniform(0, 2 * math.pi), rng.uniform(0.0, 0.25)
         dy, dx = (y - h / 2 + 0.5) / (h / 2), (x - w / 2 + 0.5) / (w / 2)
-        rho = np.hypot(dy, dx) * (1.0 + wobble * np.cos(lobes * np.arctan2(dy, dx) + phase))
+        rho = np.sqrt(dy * dy + dx * dx) * (1.0 + wobble * exact_math.cos(lobes * exact_math.atan2(dy, dx) + phase))
         region += sign * contrast * np.clip((1.0 - rho) * min(h, w) / 3, 0.0, 1.0)
     elif thing in ("bright patch", "dark patch"):
         soft = np.minimum(np.minimum(x + 1, w - x), np.minimum(y + 1, h - y)) / rng.uniform(1.0, 6.0)

@@ -7,6 +7,7 @@ import math
 import numpy as np
 from PIL import Image
 
+from defectvlm import exact_math
 from defectvlm.data.demo.items import FloatImage
 
 _ILLUMINATION_GRID_STEP = 16
@@ -66,7 +67,7 @@ def _coarse_illumination(rng: np.random.Generator, height: int, width: int) -> F
     y = np.linspace(-1.0, 1.0, height, dtype=np.float32)[:, None]
     x = np.linspace(-1.0, 1.0, width, dtype=np.float32)[None, :]
     angle = rng.uniform(0.0, 2.0 * math.pi)
-    light = 1.0 + rng.uniform(0.03, 0.12) * (x * math.cos(angle) + y * math.sin(angle))
+    light = 1.0 + rng.uniform(0.03, 0.12) * (x * exact_math.cos(angle) + y * exact_math.sin(angle))
     light = light + rng.uniform(0.02, 0.07) * upsample(rng.standard_normal((4, 5)), height, width)
     light *= 1.0 - rng.uniform(0.08, 0.25) * (x * x + y * y) / 2.0
     if rng.random() < 0.5:
@@ -80,7 +81,7 @@ def _soft_shadow(rng: np.random.Generator, x: np.ndarray, y: np.ndarray) -> np.n
     edge_softness = rng.uniform(0.05, 0.2)
     start = rng.uniform(0.5, 0.9)
     darkness = rng.uniform(0.08, 0.25)
-    return 1.0 - darkness / (1.0 + np.exp(-(coordinate - start) / edge_softness))
+    return 1.0 - darkness / (1.0 + exact_math.exp(-(coordinate - start) / edge_softness))
 
 
 def tinted_rgb(rng: np.random.Generator, shaded: FloatImage) -> Image.Image:

@@ -8,6 +8,7 @@ from functools import partial
 
 import numpy as np
 
+from defectvlm import exact_math
 from defectvlm.data.demo.background import upsample
 from defectvlm.data.demo.items import CANONICAL_CLASSES, Box, FloatImage, Stamp
 
@@ -127,7 +128,8 @@ def _paint_slag(region: FloatImage, rng: np.random.Generator, *, spots: tuple[tu
     for cy, cx, radius in spots:
         # Irregular droplets rather than perfect discs: the radius wobbles with the angle.
         lobes = int(rng.integers(2, 5))
-        wobble = 1.0 + rng.uniform(0.1, 0.3) * np.cos(lobes * np.arctan2(y - cy, x - cx) + rng.uniform(0, 2 * math.pi))
+        angle = exact_math.atan2(y - cy, x - cx)
+        wobble = 1.0 + rng.uniform(0.1, 0.3) * exact_math.cos(lobes * angle + rng.uniform(0, 2 * math.pi))
         distance = np.sqrt((y - cy) ** 2 + (x - cx) ** 2) * wobble
         halo = np.clip(1.0 - (distance - radius) / (radius + 1.0), 0.0, 1.0)
         region -= 18.0 * halo
@@ -169,20 +171,20 @@ def _paint_over_melt(
     y, x = _local_grid(region)
     semi_y, semi_x = height / 2 - 2, width / 2 - 2
     dy, dx = (y - height / 2 + 0.5) / semi_y, (x - width / 2 + 0.5) / semi_x
-    theta = np.arctan2(dy, dx)
-    outline = 1.0 - sum(amp * (1.0 + np.cos(k * theta + phase)) / 2 for k, amp, phase in harmonics)
+    theta = exact_math.atan2(dy, dx)
+    outline = 1.0 - sum(amp * (1.0 + exact_math.cos(k * theta + phase)) / 2 for k, amp, phase in harmonics)
     rho = np.sqrt(dx * dx + dy * dy) / outline
     edge_pixels = 2.0 / min(semi_x, semi_y)
     inside = np.clip((1.0 - rho) / edge_pixels, 0.0, 1.0)
     dark_rim = np.clip(1.0 - np.abs(rho - 1.05) / 0.08, 0.0, 1.0)
 
-    along = x * math.cos(ripple_angle) + y * math.sin(ripple_angle)
+    along = x * exact_math.cos(ripple_angle) + y * exact_math.sin(ripple_angle)
     warp = 1.5 * ripple_period * upsample(rng.standard_normal((4, 4)), height, width)
-    ripple = np.sin(2 * math.pi * (along + 2.0 * rho * ripple_period + warp) / ripple_period)
+    ripple = exact_math.sin(2 * math.pi * (along + 2.0 * rho * ripple_period + warp) / ripple_period)
     surface = rng.standard_normal((height, width), dtype=np.float32)
     glint_y, glint_x = highlight[0] * height, highlight[1] * width
     glint_sigma2 = 2 * (0.15 * min(height, width)) ** 2
-    glint = np.exp(-((y - glint_y) ** 2 + (x - glint_x) ** 2) / glint_sigma2)
+    glint = exact_math.exp(-((y - glint_y) ** 2 + (x - glint_x) ** 2) / glint_sigma2)
     gloss = brightness + rng.uniform(12.0, 22.0) * ripple + 35.0 * glint - 25.0 * rho + 5.0 * surface
 
     region -= 25.0 * dark_rim
@@ -226,7 +228,8 @@ def _paint_incomplete_spreading(
         * np.clip((right - x) / 3.0, 0.0, 1.0)
     )
     # The previous layer's laser hatch shows through where powder is missing.
-    hatch = np.sin(2 * math.pi * (x * math.cos(hatch_angle) + y * math.sin(hatch_angle)) / hatch_period)
+    along = x * exact_math.cos(hatch_angle) + y * exact_math.sin(hatch_angle)
+    hatch = exact_math.sin(2 * math.pi * along / hatch_period)
     mean = float(region.mean())
     mottling = 6.0 * upsample(rng.standard_normal((4, 6)), height, width)
     substrate = mean - darkening + mottling + 5.0 * hatch + 0.15 * (region - mean)
