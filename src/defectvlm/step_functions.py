@@ -147,16 +147,9 @@ def evaluate(
     mode: str = "score",
     no_baseline: bool = False,
     no_tracking: bool = False,
-    cascade: bool = False,
-    detector: str | None = None,
-    split_dir: str = "data/02_split",
 ) -> int:
     from defectvlm.evaluate.run import evaluate as evaluate_run
 
-    if cascade:
-        from defectvlm.evaluate.cascade_cli import run_cascade
-
-        return run_cascade(params, run, detector, split_dir, out)
     metrics = evaluate_run(params, run, Path(input), Path(out), split=split, mode=mode, baseline=not no_baseline)
     table = Table("model", "level", "precision", "recall", "F1", "AUROC", title=f"{metrics['run']} on {split}")
     for title, result in (("fine-tuned", metrics[metrics["split"]]), ("base", metrics.get("baseline"))):
@@ -171,6 +164,12 @@ def evaluate(
         run_id = log_evaluation(params, Path(input), metrics, Path(out))
         console.print(f"logged to MLflow run {run_id} (nested under the pipeline's run)")
     return 0
+
+
+def evaluate_cascade(params: Params, run: str, input: str, out: str, detector: str | None = None) -> int:
+    from defectvlm.evaluate.cascade_cli import run_cascade
+
+    return run_cascade(params, run, detector, input, out)
 
 
 def train_detector(params: Params, input: str, no_tracking: bool = False) -> int:

@@ -198,9 +198,6 @@ STEPS: dict[str, Step] = {
                 ),
                 Option("--no-baseline", "skip evaluating the untrained base", switch=True),
                 Option("--no-tracking", "do not log to the phase's MLflow run", switch=True),
-                Option("--cascade", "detector alone vs detector + VLM on test (into OUT/cascade)", switch=True),
-                Option("--detector", "--cascade: models:/..., a train-detector folder or an ONNX file"),
-                Option("--split-dir", "--cascade: the split files (boxes of val and test)", default="data/02_split"),
                 *_phases(4),
             ),
             ("model", "train.output_dir", *reads.PHASES_ENABLED),
@@ -249,6 +246,48 @@ STEPS: dict[str, Step] = {
                 *(reads.SRC + f"tracking/{f}.py" for f in ("lineage", "mlflow_tracking", "registry", "store_lock")),
             ),
             cluster=Cluster(cache=False),
+        ),
+        # the system, not the parts: the detector's proposals judged by the VLM, every threshold from val
+        Step(
+            "evaluate_cascade",
+            "evaluate-cascade",
+            run.evaluate_cascade,
+            "Detector alone vs detector + VLM vs both agree on the test images (thresholds from val): box-level "
+            "precision, recall, false alarms per image, per class, a PR plot and pictures of what the VLM changed.",
+            (
+                Option("--run", "runs/phaseN or 'last' (the last enabled phase)", default="last"),
+                Input("splits", "split", "splits", ("val.jsonl", "test.jsonl"), help="folder with val/test.jsonl"),
+                Input(
+                    "proposal_detector",
+                    "train_detector",
+                    "detector_run",
+                    option="--detector",
+                    help="models:/<name>@<alias>, a train-detector folder, or an ONNX file; default: "
+                    "models:/<registry.model_name>-detector@candidate",
+                    cli="optional",
+                ),
+                Output(
+                    "cascade",
+                    "reports/cascade",
+                    "output folder (default: reports/cascade)",
+                    (
+                        File("cascade_metrics.json", "metrics", cache=False),
+                        File("cascade_report.md", cache=False),
+                        File("plots/cascade_pr.png", "plots", cache=False),
+                        File("gallery"),
+                    ),
+                    artifact="Artifact",
+                ),
+                *_phases(4),
+            ),
+            ("train.output_dir", *reads.PHASES_ENABLED, *reads.PROPOSAL_KEYS, "regions.min_box_size"),
+            (
+                *reads.SCORING_CODE,
+                *(reads.SRC + f"evaluate/{f}.py" for f in ("cascade", "cascade_cli", "run")),
+                *(reads.SRC + f"detector/{f}.py" for f in ("data", "loading", "metrics", "runtime")),
+            ),
+            fixed={"run": "last"},
+            cluster=Cluster("train", gpu=True),
         ),
         # its output is the registry entry and its lineage tags (data roots: their DVC digests)
         Step(

@@ -14,7 +14,12 @@ from tests.conftest import REPO
 
 DATA_STEPS = ("scan_labels", "ingest", "split", "regions", "sft")
 TRAIN_STEPS = ("train_phase1", "train_phase2", "train_phase3")
-MODEL_STEPS = ("evaluate", "predict", "export")  # they run a trained model: the training image and its GPU
+MODEL_STEPS = (
+    "evaluate",
+    "evaluate_cascade",
+    "predict",
+    "export",
+)  # they run a trained model: the training image and its GPU
 
 
 def test_committed_pipeline_is_a_fresh_compile(tmp_path, monkeypatch):

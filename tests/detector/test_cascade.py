@@ -1,4 +1,4 @@
-"""evaluate --cascade: detector alone vs detector + VLM, thresholds from val, pictures of the changes."""
+"""evaluate-cascade: detector alone vs detector + VLM, thresholds from val, pictures of the changes."""
 
 from __future__ import annotations
 
@@ -67,13 +67,13 @@ def test_the_vlm_removes_false_alarms_and_the_report_shows_both_kinds(tmp_path, 
 def test_evaluate_cascade_end_to_end(trained, detector_dir, sft_dir, tmp_path):  # noqa: F811
     params = write_params(tmp_path / "params.yaml", {})
     split = sft_dir.parent / "02"
-    args = ("--run", trained[2], "--detector", detector_dir, "--split-dir", split, "--out", tmp_path / "r")
-    assert run_cli("evaluate", "--params", params, "--cascade", *args) == 0
-    metrics = json.loads((tmp_path / "r" / "cascade" / "cascade_metrics.json").read_text())
+    args = ("--run", trained[2], "--detector", detector_dir, "--in", split, "--out", tmp_path / "r")
+    assert run_cli("evaluate-cascade", "--params", params, *args) == 0
+    metrics = json.loads((tmp_path / "r" / "cascade_metrics.json").read_text())
     test_images = sum(1 for line in (split / "test.jsonl").read_text().splitlines() if line.strip())
     assert metrics["images"] == test_images
     assert 0 < metrics["proposals"]["proposals_per_image"] <= 8
     for system in ("detector", "cascade", "agree"):
         m = metrics[system]
         assert m["truths"] == metrics["proposals"]["truths"] and 0 <= m["precision"] <= 1
-    assert (tmp_path / "r" / "cascade" / "plots" / "cascade_pr.png").is_file()
+    assert (tmp_path / "r" / "plots" / "cascade_pr.png").is_file()

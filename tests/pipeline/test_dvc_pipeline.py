@@ -81,6 +81,14 @@ def test_repro_registers_then_skips_promotes_reproduces_and_reruns_only_what_a_p
         assert (repo / "runs" / f"phase{phase}" / "best" / "adapter_model.safetensors").exists()
     shown = _ok(["dvc", "metrics", "show"], repo)
     assert "test.roi.f1" in shown.stdout and "baseline.image.auroc" in shown.stdout
+    # the cascade report is a stage of its own (make demo is dvc repro and nothing else)
+    assert ran.index("train_detector") < ran.index("evaluate_cascade") and ran.index("train_phase3") < ran.index(
+        "evaluate_cascade"
+    )
+    cascade = read_json(repo / "reports" / "cascade" / "cascade_metrics.json")
+    assert cascade["split"] == "test" and "gain" in cascade and "agree.precision" in shown.stdout
+    # what the run produced is ignored by git: a demo leaves a clean worktree (git.dirty false below)
+    assert _ok(["git", "status", "--porcelain"], repo).stdout == ""
 
     again = _ok(["dvc", "repro"], repo)
     assert _ran(again) == [], again.stdout
@@ -136,7 +144,9 @@ def test_repro_registers_then_skips_promotes_reproduces_and_reruns_only_what_a_p
     params["train"]["phase3"]["lr_vision"] = 2.0e-5
     (repo / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
     changed = _ok(["dvc", "repro"], repo)
-    ran = _ran(changed)  # only the changed phase and what follows
-    assert ran[:3] == ["train_phase3", "evaluate", "register"] and sorted(ran[3:]) == ["export", "predict"]
+    ran = _ran(changed)
+    assert ran[0] == "train_phase3"  # only the changed phase and what follows
+    assert sorted(ran[1:]) == ["evaluate", "evaluate_cascade", "export", "predict", "register"]
+    assert ran.index("evaluate") < ran.index("register") < ran.index("predict")
     assert client.get_model_version_by_alias("defectvlm-adapter", "candidate").version != candidate.version
     assert client.get_model_version_by_alias("defectvlm-adapter", "champion").version == candidate.version

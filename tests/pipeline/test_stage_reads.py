@@ -63,6 +63,12 @@ CONDITIONAL = {
         "src/defectvlm/evaluate/shared_prefix.py",
         "src/defectvlm/train/data.py",
     },
+    # the same detector: the cascade has no proposal to judge (the VLM is never asked)
+    "evaluate_cascade": {
+        *("src/defectvlm/data/sft.py", "src/defectvlm/evaluate/scoring.py", "src/defectvlm/seeding.py"),
+        "src/defectvlm/evaluate/shared_prefix.py",
+        "src/defectvlm/train/data.py",
+    },
     # the recorded run's two-step detector predicts no box, so its box metrics never match one (iou)
     # backend: ultralytics (the optional extra) trains a YOLO on the split written as its dataset
     "train_detector": {
@@ -73,7 +79,7 @@ CONDITIONAL = {
     },
 }
 # a model.family other than qwen2_5_vl builds its tiny model there
-for _step in ("train_phase1", "train_phase2", "train_phase3", "evaluate", "predict", "export"):
+for _step in ("train_phase1", "train_phase2", "train_phase3", "evaluate", "evaluate_cascade", "predict", "export"):
     CONDITIONAL.setdefault(_step, set()).add("src/defectvlm/models/tiny_families.py")
 RECORD_STEPS = {"register", "train_detector"}  # their output is an MLflow record: the tracking code is part of the step
 

@@ -1,4 +1,4 @@
-"""`evaluate --cascade`: the system, not the parts. On the split's test images, the detector
+"""`evaluate-cascade`: the system, not the parts. On the split's test images, the detector
 alone (its confidence threshold chosen on val) against detector + VLM (the detector's proposals
 at its recall-oriented confidence, judged by the VLM, whose threshold is chosen on val):
 box-level precision, recall and F1 at IoU >= 0.5 (greedy matching, detector/metrics.py),

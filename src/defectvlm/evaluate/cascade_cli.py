@@ -1,4 +1,4 @@
-"""`evaluate --cascade`: load the VLM (--run) and the detector (--detector), judge val and test."""
+"""`evaluate-cascade`: load the VLM (--run) and the detector (--detector), judge val and test."""
 
 from __future__ import annotations
 
@@ -21,11 +21,11 @@ def run_cascade(params: Params, run: str, detector: str | None, split_dir: str, 
 
     best = resolve_run(params, run)
     if best is None:
-        raise StepFailure("--cascade needs a trained VLM: name a phase with --run (not base)")
+        raise StepFailure("evaluate-cascade needs a trained VLM: name a phase with --run (not base)")
     proposer = open_detector(detector, params)
     loaded = load_model(best)
     splits = read_splits(split_dir, ("val", "test"))
-    out = Path(out) / "cascade"
+    out = Path(out)
     metrics = evaluate_cascade(params, loaded, proposer, splits, out)
     for name in ("detector", "cascade", "agree"):
         m = metrics[name]
