@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,16 @@ import yaml
 from defectvlm.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config) -> None:
+    """`make test` runs one pytest-xdist worker per core: each computes on one thread, and so do the
+    commands it starts (two workers of two threads each would fight over the two cores)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
 
 
 def deep_merge(base: dict, overrides: dict) -> dict:

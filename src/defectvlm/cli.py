@@ -6,8 +6,10 @@ its outputs atomically. Exit codes: 0 ok, 1 the data (or a file, disk, server) b
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -28,6 +30,7 @@ from defectvlm.step_types import Option, Output, Step, derived, dest, input_path
 from defectvlm.steps import STEPS
 
 console = Console(stderr=True, soft_wrap=True)
+STAGE_TIMES_ENV = "DEFECTVLM_STAGE_TIMES"
 
 
 def _load(args: argparse.Namespace) -> Params:
@@ -174,9 +177,52 @@ def add_step_commands(step, steps: dict[str, Step]) -> None:
 
 
 def _run_step(function, passed: list[str], overrides: dict[str, str], args: argparse.Namespace) -> int:
-    """Parameters (with an option that sets a key validated like -S), then the step's function."""
+    """Parameters (with an option that sets a key validated like -S), then the step's function; its time is
+    printed (and recorded where DEFECTVLM_STAGE_TIMES names a file)."""
     args.set = [*(args.set or []), *(f"{key}={getattr(args, d)}" for d, key in overrides.items() if getattr(args, d))]
-    return function(_load(args), **{name: getattr(args, name) for name in passed})
+    start = time.perf_counter()
+    code = function(_load(args), **{name: getattr(args, name) for name in passed})
+    seconds = time.perf_counter() - start
+    name = args.command + (f" --phase {args.phase}" if getattr(args, "phase", None) else "")
+    console.print(f"{name}: {seconds:.1f} s")
+    if code == 0:
+        record_stage_time(name, seconds)
+    return code
+
+
+def record_stage_time(step: str, seconds: float) -> None:
+    """Append (step, seconds) as a JSON line to the file DEFECTVLM_STAGE_TIMES names, if it names one."""
+    target = os.environ.get(STAGE_TIMES_ENV)
+    if target:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"step": step, "seconds": round(seconds, 1)}) + "\n")
+
+
+# calibration is imported by the two commands that use it, not at start-up: it is no step's code, so it
+# stays out of every DVC stage's code deps (tests/pipeline/test_stage_reads.py)
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from defectvlm.calibration import calibrate, describe
+
+    console.print(describe(calibrate()))
+    return 0
+
+
+def cmd_stage_times(args: argparse.Namespace) -> int:
+    """The table `make demo` ends with: each step's time from the file, the total, the machine."""
+    from defectvlm.calibration import calibrate, describe, read_stage_times
+
+    rows = read_stage_times(Path(args.file))
+    if not rows:
+        console.print(f"no stage times in {args.file} (every stage was up to date, or none ran)")
+        return 0
+    table = Table("step", "seconds", title=f"stage times ({args.file})")
+    for step_name, seconds in rows:
+        table.add_row(step_name, f"{seconds:.1f}")
+    table.add_row("total", f"{sum(seconds for _, seconds in rows):.1f}")
+    console.print(table)
+    console.print(describe(calibrate()))
+    return 0
 
 
 def build_parser(steps: dict[str, Step] = STEPS) -> argparse.ArgumentParser:
@@ -206,6 +252,12 @@ def build_parser(steps: dict[str, Step] = STEPS) -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo_data)
 
     add_step_commands(step, steps)
+
+    p = sub.add_parser("calibrate", help="Time a fixed CPU workload (matmul + JPEG decode): compares machines.")
+    p.set_defaults(func=cmd_calibrate)
+    p = sub.add_parser("stage-times", help="The table of step times a run recorded (DEFECTVLM_STAGE_TIMES).")
+    p.add_argument("--file", default="reports/stage_times.jsonl", help="(default: reports/stage_times.jsonl)")
+    p.set_defaults(func=cmd_stage_times)
 
     p = step(
         "pipeline",
