@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: install demo test test-fast lint lock bench clean images
+.PHONY: install demo test test-fast lint lock bench clean images docs
 
 # torch/torchvision first and pinned: transformers' Qwen-VL image processors need torchvision,
 # and this exact pair is the one every machine of the team (and CI) installs.
@@ -44,6 +44,10 @@ test-fast: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(BIN)/ruff check src tests benchmarks
 
+# The docs site (mkdocs.yml, docs/) into site/; --strict turns a broken link or a missing page into an error.
+docs: $(VENV)/.installed
+	$(BIN)/mkdocs build --strict
+
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/bench_ingest.py --keep
 	$(BIN)/python benchmarks/bench_prepare.py
@@ -62,4 +66,4 @@ lock: $(VENV)/.installed
 	  $(BIN)/python -m pip freeze --exclude-editable | grep -v "^defectvlm"; } > constraints.txt
 
 clean:
-	rm -rf $(VENV) data runs reports .pytest_cache .hypothesis
+	rm -rf $(VENV) data runs reports site .pytest_cache .hypothesis

@@ -1,5 +1,5 @@
 """CPU seconds per training step of the proposal detector against torchvision's detection models
-trained from random weights (the choice in README's cascade section), one torch thread.
+trained from random weights (the choice in docs/cascade.md), one torch thread.
 
 python benchmarks/bench_detector.py [--steps 3]
 """

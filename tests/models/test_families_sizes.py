@@ -60,8 +60,9 @@ def test_published_architecture_per_phase(name):
     assert phase3["vision_blocks"] == top_block  # exactly the top block trains in full
 
 
-def test_readme_table_is_the_scripts_output():
-    assert markdown_table() in (REPO / "README.md").read_text(encoding="utf-8")
+def test_docs_table_is_the_scripts_output():
+    """docs/training.md ("Model families") shows the table `python -m defectvlm.models.sizes` prints."""
+    assert markdown_table() in (REPO / "docs" / "training.md").read_text(encoding="utf-8")
 
 
 @pytest.mark.parametrize("name", PUBLISHED)

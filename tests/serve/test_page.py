@@ -46,7 +46,7 @@ def test_pick_an_image_drag_a_box_and_see_its_verdict(serve, tmp_path):
         status = page.inner_text("#status")
         page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
         browser.close()
-    if os.environ.get("UPDATE_SCREENSHOTS"):  # refresh the one README shows
+    if os.environ.get("UPDATE_SCREENSHOTS"):  # refresh the one docs/serving.md shows
         shutil.copyfile(tmp_path / "page.png", SCREENSHOT)
     region, xyxy, verdict, _cls, probability = cells
     assert region == "1"

@@ -6,8 +6,11 @@ from pathlib import Path
 import pytest
 
 from defectvlm.io import read_jsonl
-from tests.conftest import read_json, run_cli, write_params
+from tests.conftest import REPO, read_json, run_cli, write_params
 from tests.fixtures.corpus import CORPUS_PARAMS, EXPECTED, write_corpus
+
+# The docs page that lists ingest's reason codes (docs/data-and-labels.md, "What ingest checks").
+DATA_AND_LABELS_PAGE = REPO / "docs" / "data-and-labels.md"
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +128,8 @@ def test_prediction_only_tasks_say_so_and_can_be_accepted(ingested, tmp_path):
     assert statuses["u_bg.jpg"] == statuses["u_empty.jpg"] == ("rejected", ["background_image"])
     manifest = {r["id"]: r for r in read_jsonl(tmp_path / "manifest.jsonl")}
     assert manifest["abnormal/lspred/p1.jpg"]["boxes"][0]["xyxy"] == pytest.approx([9.6, 6.4, 48.0, 32.0])
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
-    assert all(f"`{code}`" in readme for code in ("labels_from_predictions", "background_image", "bad_task"))
+    page = DATA_AND_LABELS_PAGE.read_text(encoding="utf-8")
+    assert all(f"`{code}`" in page for code in ("labels_from_predictions", "background_image", "bad_task"))
 
 
 def test_unknown_label_fails_the_run_with_a_message(ingested, capsys):
@@ -175,9 +178,9 @@ def test_missing_root_is_a_clear_error(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_every_reason_code_is_documented_in_the_readme(ingested):
+def test_every_reason_code_is_documented_in_the_docs(ingested):
     root, _ = ingested
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text(encoding="utf-8")
+    page = DATA_AND_LABELS_PAGE.read_text(encoding="utf-8")
     report = read_json(root / "out" / "ingest_report.json")
-    undocumented = {code for code in report["reasons"] if f"`{code}`" not in readme} - {"class_names_used"}
+    undocumented = {code for code in report["reasons"] if f"`{code}`" not in page} - {"class_names_used"}
     assert not undocumented
