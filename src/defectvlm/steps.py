@@ -283,7 +283,7 @@ STEPS: dict[str, Step] = {
             ("train.output_dir", *reads.PHASES_ENABLED, *reads.PROPOSAL_KEYS, "regions.min_box_size"),
             (
                 *reads.SCORING_CODE,
-                *(reads.SRC + f"evaluate/{f}.py" for f in ("cascade", "cascade_cli", "run")),
+                *(reads.SRC + f"evaluate/{f}.py" for f in ("cascade", "cascade_cli", "metrics", "run")),
                 *(reads.SRC + f"detector/{f}.py" for f in ("data", "loading", "metrics", "runtime")),
             ),
             fixed={"run": "last"},

@@ -18,15 +18,22 @@ DEFECT = Box((10, 10, 40, 40), "slag")
 
 
 def judged(image: str) -> dict:
-    """Two images: the detector finds the defect (0.9) and raises two false alarms (0.8, 0.6) and a
-    weak true box elsewhere; the VLM keeps the defect (0.95), rejects the alarms (0.1, 0.2) and
-    wrongly rejects the weak defect (0.05)."""
+    """Two images: the detector finds the defect (0.9) and raises three false alarms (0.8, 0.6, 0.5)
+    and a weak true box elsewhere; the VLM keeps the defect (0.95), rejects the alarms (0.1, 0.2,
+    0.15) and wrongly rejects the weak defect (0.05)."""
     weak = Box((60, 60, 90, 90), "streak")
     detector = [
         ([Box(DEFECT.xyxy, "slag", 0.9), Box((100, 10, 130, 40), "slag", 0.8)], [DEFECT]),
-        ([Box((5, 60, 35, 90), "streak", 0.6), Box(weak.xyxy, "streak", 0.7)], [weak]),
+        (
+            [
+                Box((5, 60, 35, 90), "streak", 0.6),
+                Box(weak.xyxy, "streak", 0.7),
+                Box((100, 60, 130, 90), "streak", 0.5),
+            ],
+            [weak],
+        ),
     ]
-    vlm_scores = [[0.95, 0.1], [0.2, 0.05]]
+    vlm_scores = [[0.95, 0.1], [0.2, 0.05, 0.15]]
     cascade_pairs = [
         ([Box(b.xyxy, b.cls, s) for b, s in zip(preds, scores, strict=True)], truths)
         for (preds, truths), scores in zip(detector, vlm_scores, strict=True)
@@ -41,8 +48,8 @@ def test_the_vlm_removes_false_alarms_and_the_report_shows_both_kinds(tmp_path, 
     proposer = ProposalDetector(detector=None, confidence=0.05, nms_iou=0.5, max_boxes=8, name="fake")
     metrics = cascade.evaluate_cascade(Params(), None, proposer, {"val": [], "test": []}, tmp_path / "out")
     detector, judged_by_vlm = metrics["detector"], metrics["cascade"]
-    # val (the same pairs here) puts the detector's threshold at 0.7 (F1 0.8) and the VLM's at 0.95 (F1 2/3,
-    # tied with 0.05: the higher wins)
+    # val (the same pairs here) puts the detector's threshold at 0.7 (F1 0.8) and the VLM's at 0.95 (F1 2/3;
+    # 0.05 keeps both defects and all three alarms: F1 4/7)
     assert detector["threshold"] == 0.7 and judged_by_vlm["threshold"] == 0.95
     assert (detector["precision"], detector["recall"], detector["false_alarms"]) == (0.6667, 1.0, 1)
     assert (judged_by_vlm["precision"], judged_by_vlm["recall"], judged_by_vlm["false_alarms"]) == (1.0, 0.5, 0)
@@ -56,7 +63,7 @@ def test_the_vlm_removes_false_alarms_and_the_report_shows_both_kinds(tmp_path, 
         assert (out / "gallery" / f"{name}.png").is_file() and f"gallery/{name}.png" in report
     assert (out / "plots" / "cascade_pr.png").is_file()
     assert json.loads((out / "cascade_metrics.json").read_text())["gain"]["precision"] == 0.3333
-    # both agree: min(detector, VLM) = [0.9, 0.1], [0.2, 0.05]; val puts it at 0.9 (F1 2/3, tied with 0.05)
+    # both agree: min(detector, VLM) = [0.9, 0.1], [0.2, 0.05, 0.15]; val puts it at 0.9 (F1 2/3; 0.05: 4/7)
     agree = metrics["agree"]
     assert (agree["threshold"], agree["precision"], agree["recall"], agree["false_alarms"]) == (0.9, 1.0, 0.5, 0)
     assert metrics["gain_agree"] == {"precision": 0.3333, "recall": -0.5, "false_alarms_per_image_ratio": 0.0}
