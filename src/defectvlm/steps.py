@@ -204,7 +204,10 @@ STEPS: dict[str, Step] = {
             (
                 *reads.CORE,
                 *reads.MODEL_CODE,
-                *(reads.SRC + f"evaluate/{f}.py" for f in ("metrics", "report", "run", "scoring", "shared_prefix")),
+                *(
+                    reads.SRC + f"evaluate/{f}.py"
+                    for f in ("metrics", "plot_fonts", "report", "run", "scoring", "shared_prefix")
+                ),
                 reads.SRC + "inference/loading.py",
                 *(reads.SRC + f"train/{f}.py" for f in ("artifacts", "data")),
                 reads.SRC + "data/images.py",
