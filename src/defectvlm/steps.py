@@ -204,7 +204,10 @@ STEPS: dict[str, Step] = {
             (
                 *reads.CORE,
                 *reads.MODEL_CODE,
-                *(reads.SRC + f"evaluate/{f}.py" for f in ("metrics", "report", "run", "scoring", "shared_prefix")),
+                *(
+                    reads.SRC + f"evaluate/{f}.py"
+                    for f in ("metrics", "plot_fonts", "report", "run", "scoring", "shared_prefix")
+                ),
                 reads.SRC + "inference/loading.py",
                 *(reads.SRC + f"train/{f}.py" for f in ("artifacts", "data")),
                 reads.SRC + "data/images.py",
@@ -283,7 +286,7 @@ STEPS: dict[str, Step] = {
             ("train.output_dir", *reads.PHASES_ENABLED, *reads.PROPOSAL_KEYS, "regions.min_box_size"),
             (
                 *reads.SCORING_CODE,
-                *(reads.SRC + f"evaluate/{f}.py" for f in ("cascade", "cascade_cli", "run")),
+                *(reads.SRC + f"evaluate/{f}.py" for f in ("cascade", "cascade_cli", "metrics", "run")),
                 *(reads.SRC + f"detector/{f}.py" for f in ("data", "loading", "metrics", "runtime")),
             ),
             fixed={"run": "last"},

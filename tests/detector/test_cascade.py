@@ -17,33 +17,58 @@ from tests.inference.conftest import trained  # noqa: F401  (the adapter fixture
 DEFECT = Box((10, 10, 40, 40), "slag")
 
 
-def judged(image: str) -> dict:
+def judged(image: str, images: list[tuple[list[tuple[Box, float]], list[Box]]]) -> dict:
+    """`judged_split`'s answer: per image its proposals (the detector's box and confidence, with the
+    VLM's P(abnormal) for it) and its truths."""
+    return {
+        "detector": [([box for box, _ in proposals], truths) for proposals, truths in images],
+        "cascade": [([Box(b.xyxy, b.cls, p) for b, p in proposals], truths) for proposals, truths in images],
+        "paths": [image] * len(images),
+    }
+
+
+def judged_test(image: str) -> dict:
     """Two images: the detector finds the defect (0.9) and raises two false alarms (0.8, 0.6) and a
     weak true box elsewhere; the VLM keeps the defect (0.95), rejects the alarms (0.1, 0.2) and
     wrongly rejects the weak defect (0.05)."""
     weak = Box((60, 60, 90, 90), "streak")
-    detector = [
-        ([Box(DEFECT.xyxy, "slag", 0.9), Box((100, 10, 130, 40), "slag", 0.8)], [DEFECT]),
-        ([Box((5, 60, 35, 90), "streak", 0.6), Box(weak.xyxy, "streak", 0.7)], [weak]),
-    ]
-    vlm_scores = [[0.95, 0.1], [0.2, 0.05]]
-    cascade_pairs = [
-        ([Box(b.xyxy, b.cls, s) for b, s in zip(preds, scores, strict=True)], truths)
-        for (preds, truths), scores in zip(detector, vlm_scores, strict=True)
-    ]
-    return {"detector": detector, "cascade": cascade_pairs, "paths": [image, image]}
+    alarm, other_alarm = Box((100, 10, 130, 40), "slag", 0.8), Box((5, 60, 35, 90), "streak", 0.6)
+    return judged(
+        image,
+        [
+            ([(Box(DEFECT.xyxy, "slag", 0.9), 0.95), (alarm, 0.1)], [DEFECT]),
+            ([(other_alarm, 0.2), (Box(weak.xyxy, "streak", 0.7), 0.05)], [weak]),
+        ],
+    )
 
 
-def test_the_vlm_removes_false_alarms_and_the_report_shows_both_kinds(tmp_path, monkeypatch):
+def judged_val(image: str) -> dict:
+    """Three images where the best F1 (1.0, no false alarm, every defect found) puts the detector's
+    threshold at 0.65 and the VLM's and both-agree's at 0.3: scores the test split does not have."""
+    other = Box((60, 60, 90, 90), "slag")
+    return judged(
+        image,
+        [
+            ([(Box(DEFECT.xyxy, "slag", 0.65), 0.3)], [DEFECT]),
+            ([(Box(other.xyxy, "slag", 0.95), 0.9), (Box((100, 10, 130, 40), "slag", 0.6), 0.25)], [other]),
+            ([(Box((5, 60, 35, 90), "slag", 0.55), 0.2)], []),
+        ],
+    )
+
+
+def test_thresholds_come_from_val_figures_from_test_and_the_report_shows_both_kinds(tmp_path, monkeypatch):
     image = tmp_path / "line.png"
     Image.new("RGB", (160, 120), "grey").save(image)
-    monkeypatch.setattr(cascade, "judged_split", lambda *args: judged(str(image)))
+    splits = {"val": [{"split": "val"}], "test": [{"split": "test"}]}
+    answers = {"val": judged_val(str(image)), "test": judged_test(str(image))}
+    monkeypatch.setattr(cascade, "judged_split", lambda _model, _proposer, records, _min: answers[records[0]["split"]])
     proposer = ProposalDetector(detector=None, confidence=0.05, nms_iou=0.5, max_boxes=8, name="fake")
-    metrics = cascade.evaluate_cascade(Params(), None, proposer, {"val": [], "test": []}, tmp_path / "out")
+    metrics = cascade.evaluate_cascade(Params(), None, proposer, splits, tmp_path / "out")
     detector, judged_by_vlm = metrics["detector"], metrics["cascade"]
-    # val (the same pairs here) puts the detector's threshold at 0.7 (F1 0.8) and the VLM's at 0.95 (F1 2/3,
-    # tied with 0.05: the higher wins)
-    assert detector["threshold"] == 0.7 and judged_by_vlm["threshold"] == 0.95
+    # on test alone the best F1 would put them at 0.7, 0.95 and 0.9
+    assert (detector["threshold"], judged_by_vlm["threshold"], metrics["agree"]["threshold"]) == (0.65, 0.3, 0.3)
+    # the figures are test's: 2 images, and neither system is perfect there as both are on val
+    assert metrics["images"] == 2
     assert (detector["precision"], detector["recall"], detector["false_alarms"]) == (0.6667, 1.0, 1)
     assert (judged_by_vlm["precision"], judged_by_vlm["recall"], judged_by_vlm["false_alarms"]) == (1.0, 0.5, 0)
     assert judged_by_vlm["false_alarms_per_image"] == 0.0 and detector["false_alarms_per_image"] == 0.5
@@ -56,11 +81,11 @@ def test_the_vlm_removes_false_alarms_and_the_report_shows_both_kinds(tmp_path, 
         assert (out / "gallery" / f"{name}.png").is_file() and f"gallery/{name}.png" in report
     assert (out / "plots" / "cascade_pr.png").is_file()
     assert json.loads((out / "cascade_metrics.json").read_text())["gain"]["precision"] == 0.3333
-    # both agree: min(detector, VLM) = [0.9, 0.1], [0.2, 0.05]; val puts it at 0.9 (F1 2/3, tied with 0.05)
+    # both agree: min(detector, VLM) = [0.9, 0.1], [0.2, 0.05]: at 0.3 only the defect stays
     agree = metrics["agree"]
-    assert (agree["threshold"], agree["precision"], agree["recall"], agree["false_alarms"]) == (0.9, 1.0, 0.5, 0)
+    assert (agree["precision"], agree["recall"], agree["false_alarms"]) == (1.0, 0.5, 0)
     assert metrics["gain_agree"] == {"precision": 0.3333, "recall": -0.5, "false_alarms_per_image_ratio": 0.0}
-    assert "| both agree (min of the two scores) | 0.9 | 1.0 | 0.5 |" in report
+    assert "| both agree (min of the two scores) | 0.3 | 1.0 | 0.5 |" in report
 
 
 @pytest.mark.slow

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from defectvlm.detector.metrics import Box, average_precision, best_f1_threshold, counts_at, match, scored_hits
+from defectvlm.detector.metrics import Box, average_precision, counts_at, match, scored_hits
+from defectvlm.evaluate.cascade import box_threshold
 
 TRUTH = [Box((0, 0, 10, 10), "a"), Box((20, 20, 30, 30), "b")]
 
@@ -39,7 +40,7 @@ def test_counts_precision_recall_and_false_alarms_per_image():
     assert at_low["false_alarms_per_image"] == 1.0
     at_high = counts_at(images, 0.85, class_aware=False)
     assert (at_high["precision"], at_high["recall"], at_high["false_alarms"]) == (1.0, 0.5, 0)
-    assert best_f1_threshold(images) == 0.9
+    assert box_threshold(images) == 0.9
 
 
 def test_average_precision_of_a_known_ranking():

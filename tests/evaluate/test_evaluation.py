@@ -8,6 +8,8 @@ import pytest
 from sklearn.metrics import f1_score, precision_score, recall_score, roc_auc_score
 
 from defectvlm.config import params_from_dict
+from defectvlm.detector.metrics import Box
+from defectvlm.evaluate.cascade import box_threshold
 from defectvlm.evaluate.metrics import best_threshold, binary_metrics
 from defectvlm.evaluate.run import evaluate
 from defectvlm.evaluate.scoring import parse_answer, score_samples
@@ -41,6 +43,17 @@ def test_best_threshold_is_the_f1_maximum():
     brute = max(f1_score(truth, scores >= t) for t in np.unique(scores))
     assert f1 == pytest.approx(brute, abs=1e-9)
     assert f1_score(truth, scores >= threshold) == pytest.approx(brute, abs=1e-9)
+
+
+def test_the_roi_and_the_cascade_thresholds_break_an_f1_tie_the_same_way():
+    """Two positives ranked first and last: flagging the top score and flagging all four both give
+    F1 2/3. The VLM's ROI threshold and the cascade's box threshold both take the lower one."""
+    truth, scores = [1, 0, 0, 1], [0.9, 0.8, 0.7, 0.6]
+    defects = [Box((0, 0, 10, 10), "slag"), Box((50, 50, 60, 60), "slag")]
+    boxes = [(0, 0, 10, 10), (100, 0, 110, 10), (100, 50, 110, 60), (50, 50, 60, 60)]
+    proposals = [Box(xyxy, "slag", score) for xyxy, score in zip(boxes, scores, strict=True)]
+    assert best_threshold(truth, scores) == (0.6, pytest.approx(2 / 3))
+    assert box_threshold([(proposals, defects)]) == 0.6
 
 
 @pytest.mark.parametrize(

@@ -7,13 +7,15 @@ import os
 import subprocess
 import sys
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
 import requests
 
-from defectvlm.config import load_params
+from defectvlm.config import Params, load_params
 from defectvlm.serve.model import ImageInput, load_scorer
+from defectvlm.serve.pyfunc import save_inspection_model
 from tests.serve.conftest import b64, free_port, image_bytes
 from tests.tracking.conftest import evaluated, workspace  # noqa: F401 - fixtures
 from tests.tracking.test_registry import NAME, register
@@ -80,3 +82,12 @@ def test_mlflow_models_serve_answers_per_region_rows_of_the_registered_version(w
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=30)
+
+
+def test_the_saved_models_requirements_pin_defectvlm_and_carry_the_projects_constraints(tmp_path):
+    folder = save_inspection_model(tmp_path / "model", f"models:/{NAME}/1", Params())
+    requirements = (folder / "requirements.txt").read_text().splitlines()
+    assert f"defectvlm=={version('defectvlm')}" in requirements and "-c constraints.txt" in requirements
+    project = (Path(__file__).parents[2] / "constraints.txt").read_text().splitlines()
+    pins = [line for line in project if line.strip() and not line.startswith("#")]
+    assert (folder / "constraints.txt").read_text().splitlines() == pins

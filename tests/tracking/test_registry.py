@@ -9,6 +9,7 @@ import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import pytest
@@ -267,12 +268,18 @@ def test_the_alias_lock_retries_when_the_servers_lookup_after_a_lost_race_finds_
 
     class RacingClient:
         def __init__(self):
-            self.creates, self.deleted = 0, []
+            self.creates, self.deleted, self.tags = 0, [], None
 
-        def create_registered_model(self, name, description=""):
+        def create_registered_model(self, name, tags=None, description=""):
             self.creates += 1
             if self.creates == 1:
                 raise MlflowException("gone", error_code=RESOURCE_DOES_NOT_EXIST)
+            self.tags = tags
+
+        def get_registered_model(self, name):
+            if self.tags is None:
+                raise MlflowException("gone", error_code=RESOURCE_DOES_NOT_EXIST)
+            return SimpleNamespace(tags=self.tags, creation_timestamp=0)
 
         def delete_registered_model(self, name):
             self.deleted.append(name)

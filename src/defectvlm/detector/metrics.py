@@ -103,17 +103,6 @@ def counts_at(images: list[tuple[list[Box], list[Box]]], threshold: float, class
     }
 
 
-def best_f1_threshold(images: list[tuple[list[Box], list[Box]]], class_aware: bool = False) -> float:
-    """The score threshold with the highest F1 (ties: the higher threshold)."""
-    scores, hits, truths = scored_hits(images, class_aware)
-    if not len(scores):
-        return 1.0
-    precision, recall, thresholds = pr_curve(scores, hits, truths)
-    f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0.0)
-    best = float(f1.max())
-    return float(thresholds[np.flatnonzero(f1 >= best - 1e-12)[0]])
-
-
 def detector_metrics(images: list[tuple[list[Box], list[Box]]], classes: list[str]) -> dict:
     """mAP@0.5 (class-aware, classes with truths), per-class AP and class-agnostic recall."""
     per_class = {}

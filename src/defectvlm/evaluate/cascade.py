@@ -21,7 +21,8 @@ from defectvlm.config import Params
 from defectvlm.data.images import load_upright
 from defectvlm.detector.data import truth_boxes
 from defectvlm.detector.loading import ProposalDetector
-from defectvlm.detector.metrics import Box, best_f1_threshold, counts_at, detector_metrics, match, pr_curve, scored_hits
+from defectvlm.detector.metrics import Box, counts_at, detector_metrics, match, pr_curve, scored_hits
+from defectvlm.evaluate.metrics import best_f1_threshold
 from defectvlm.inference.loading import LoadedModel
 from defectvlm.inference.predict import predict_images
 from defectvlm.inference.sources import DetectorSource
@@ -65,6 +66,12 @@ def system_metrics(pairs: Pairs, threshold: float, classes: list[str]) -> dict:
     return {"threshold": round(threshold, 6), **counts_at(pairs, threshold, False), "per_class": per_class}
 
 
+def box_threshold(pairs: Pairs) -> float:
+    """The box-score threshold with the best class-agnostic box F1 on these pairs (val); 1.0 when no
+    box finds a defect."""
+    return best_f1_threshold(*scored_hits(pairs, class_aware=False), nothing_found=1.0)[0]
+
+
 def evaluate_cascade(
     params: Params, loaded: LoadedModel, proposer: ProposalDetector, splits: dict[str, list[dict]], out: Path
 ) -> dict:
@@ -73,10 +80,10 @@ def evaluate_cascade(
     val = judged_split(loaded, proposer, splits["val"], min_box)
     test = judged_split(loaded, proposer, splits["test"], min_box)
     classes = sorted({t.cls for _, truths in val["detector"] + test["detector"] for t in truths})
-    detector_t = best_f1_threshold(val["detector"])
-    cascade_t = best_f1_threshold(val["cascade"])
+    detector_t = box_threshold(val["detector"])
+    cascade_t = box_threshold(val["cascade"])
     val["agree"], test["agree"] = agreed(val), agreed(test)
-    agree_t = best_f1_threshold(val["agree"])
+    agree_t = box_threshold(val["agree"])
     metrics = {
         "split": "test",
         "images": len(test["paths"]),

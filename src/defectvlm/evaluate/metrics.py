@@ -7,20 +7,38 @@ from sklearn.metrics import (
     accuracy_score,
     average_precision_score,
     confusion_matrix,
-    precision_recall_curve,
     precision_recall_fscore_support,
     roc_auc_score,
 )
 
 
+def best_f1_threshold(scores, hits, positives: int, nothing_found: float) -> tuple[float, float]:
+    """The score threshold (a score >= it is flagged) with the highest F1, and that F1: the one rule
+    for every threshold chosen on val (the VLM's ROI threshold, the cascade's box thresholds).
+    `hits` marks the scores that are true positives; `positives` counts every positive, also those
+    no score stands for (a defect the detector put no box on). The candidates are the distinct
+    scores; when none flags a positive, `nothing_found` (F1 0).
+
+    Ties go to the lowest threshold: of two settings equally good on val, the one that flags more
+    catches more defects, and on an inspection line a missed defect (a bad part shipped) costs more
+    than a false alarm (a second look)."""
+    scores, hits = np.asarray(scores, dtype=np.float64), np.asarray(hits, dtype=bool)
+    if not hits.any():
+        return nothing_found, 0.0
+    order = np.argsort(-scores, kind="stable")
+    ranked = scores[order]
+    last_of_each_score = np.flatnonzero(np.append(ranked[1:] != ranked[:-1], True))
+    true_positives = np.cumsum(hits[order])[last_of_each_score]
+    # F1 = 2 TP / (flagged + positives): ratios of integers, so equally good thresholds tie exactly
+    f1 = 2 * true_positives / (last_of_each_score + 1 + positives)
+    lowest_best = np.flatnonzero(f1 == f1.max())[-1]  # the scores descend
+    return float(ranked[last_of_each_score[lowest_best]]), float(f1[lowest_best])
+
+
 def best_threshold(truth: list[int], scores: list[float]) -> tuple[float, float]:
-    """The threshold with the highest F1 on these scores (the validation split), and that F1."""
-    if not any(truth):
-        return 0.5, 0.0
-    precision, recall, thresholds = precision_recall_curve(truth, scores)
-    f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0.0)[:-1]
-    best = int(np.argmax(f1))
-    return float(thresholds[best]), float(f1[best])
+    """The ROI threshold with the highest F1 on these scores (the validation split), and that F1;
+    0.5 when no region is abnormal."""
+    return best_f1_threshold(scores, truth, sum(truth), nothing_found=0.5)
 
 
 def binary_metrics(truth: list[int], scores: list[float], threshold: float) -> dict:

@@ -14,6 +14,7 @@ from PIL import ImageDraw  # noqa: E402
 from sklearn.metrics import ConfusionMatrixDisplay, PrecisionRecallDisplay, RocCurveDisplay  # noqa: E402
 
 from defectvlm.data.images import load_upright  # noqa: E402
+from defectvlm.evaluate.plot_fonts import cjk_font_rc  # noqa: E402
 
 GALLERY_SIZE = 6
 CROP_MARGIN = 0.6  # context around the box, as a fraction of its size
@@ -42,12 +43,13 @@ def write_plots(rows: list[dict], metrics: dict, out: Path) -> dict[str, str]:
     written["score_histogram"] = _save(figure, plots / "score_histogram.png")
     confusion = metrics["defect_type"]["confusion_matrix"]
     if confusion["matrix"]:
-        figure, axis = plt.subplots(figsize=(5.5, 5))
-        ConfusionMatrixDisplay(np.asarray(confusion["matrix"]), display_labels=confusion["labels"]).plot(
-            ax=axis, colorbar=False, xticks_rotation=45
-        )
-        axis.set_title("defect type (true abnormal regions)")
-        written["confusion_matrix"] = _save(figure, plots / "confusion_matrix.png")
+        with plt.rc_context(cjk_font_rc()):  # the class names may be Chinese
+            figure, axis = plt.subplots(figsize=(5.5, 5))
+            ConfusionMatrixDisplay(np.asarray(confusion["matrix"]), display_labels=confusion["labels"]).plot(
+                ax=axis, colorbar=False, xticks_rotation=45
+            )
+            axis.set_title("defect type (true abnormal regions)")
+            written["confusion_matrix"] = _save(figure, plots / "confusion_matrix.png")
     return written
 
 

@@ -13,16 +13,25 @@ The model config holds the served model's URI and the params it was registered w
 (`save_inspection_model`), with the version's own URI (`models:/<name>/<version>`) in its
 config: `mlflow models serve -m models:/<name>@champion` then serves that version, asking the
 registry at MLFLOW_TRACKING_URI (which serving from the registry needs anyway; else the
-registered params' `tracking.uri`), and every row names the version."""
+registered params' `tracking.uri`), and every row names the version.
+
+Its requirements pin the installed defectvlm and carry the project's constraints.txt, so
+`mlflow models serve` building its own environment (without `--env-manager local`) installs
+the versions that were tested."""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from importlib import metadata
 from pathlib import Path
 
 import mlflow
+
+from defectvlm.errors import StepFailure
+
+CONSTRAINTS_FILE = "constraints.txt"
 
 COLUMNS = (
     "image_index",
@@ -101,9 +110,24 @@ def save_inspection_model(path: Path, model_uri: str, params) -> Path:
         path=str(path),
         python_model=str(Path(__file__)),
         model_config={"model": model_uri, "params": sections},
-        pip_requirements=["defectvlm"],  # what the serving image installs; also skips MLflow's inference run
+        # what the serving environment installs; also skips MLflow's inference of the requirements
+        pip_requirements=[f"defectvlm=={metadata.version('defectvlm')}", f"-c {project_constraints()}"],
     )
     return path
+
+
+def project_constraints() -> Path:
+    """constraints.txt, the exact versions the project installs and tests: at the root of the
+    checkout this code runs from (an editable install), or in the working directory (the images
+    copy it to theirs)."""
+    candidates = [Path(__file__).resolve().parents[3] / CONSTRAINTS_FILE, Path.cwd() / CONSTRAINTS_FILE]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise StepFailure(
+        f"no {CONSTRAINTS_FILE} in {' or '.join(str(c.parent) for c in candidates)}: the served model's "
+        "environment would not be the tested one; run from the repository or an image of it"
+    )
 
 
 def log_inspection_model(model_uri: str, params, artifact_path: str = "inspection") -> str:
