@@ -80,8 +80,9 @@ def describe(figures: dict) -> str:
     )
 
 
-def read_stage_times(path: Path) -> list[tuple[str, float]]:
+def read_stage_times(path: Path) -> list[tuple[str, float, float]]:
+    """(step, seconds in the step, seconds since its process started) per recorded run, in order."""
     if not path.is_file():
         return []
     rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [(row["step"], float(row["seconds"])) for row in rows]
+    return [(row["step"], float(row["seconds"]), float(row["process_seconds"])) for row in rows]
