@@ -35,6 +35,8 @@ def test_local_pipeline_run_prepares_the_same_data_as_the_cli_trains_evaluates_a
                 "phase2": {"enabled": False},
                 "phase3": {"max_steps": 1},
             },
+            # the detector's shape is all this test needs (the params' 2200 steps at 512 px took most of its time)
+            "detector": {"steps": 2, "input_size": 64, "crop_size": 32, "width": 4, "threads": 1},
             "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "kfp-local"},
             "registry": {"model_name": "kfp-local-adapter"},
         },
@@ -53,6 +55,10 @@ def test_local_pipeline_run_prepares_the_same_data_as_the_cli_trains_evaluates_a
     assert str(candidate.version) == str(registration["version"]) and candidate.run_id == registration["run_id"]
     metrics = read_json(outputs / "evaluate" / "reports" / "metrics.json")
     assert metrics["split"] == "test" and metrics["run"].endswith("phase3")
+    cascade = read_json(outputs / "evaluate_cascade" / "cascade" / "cascade_metrics.json")  # its own component
+    assert cascade["split"] == "test" and cascade["images"] == len(
+        read_jsonl(outputs / "split" / "splits" / "test.jsonl")
+    )
 
     # then the registered version predicts the test images, is exported (parity tagged on it) and
     # its InferenceServices are rendered, the vLLM one on the export artifact
