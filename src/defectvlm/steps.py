@@ -12,27 +12,16 @@ from __future__ import annotations
 
 from defectvlm import step_functions as run
 from defectvlm import step_reads as reads
+from defectvlm.step_parts import (
+    EVALUATION_FILES,
+    SFT_HELP,
+    SPLIT_FILES,
+    proposal_detector,
+    registered_model,
+    split_outputs,
+    trained_phases,
+)
 from defectvlm.step_types import Cluster, File, Input, Option, Output, Step
-
-_SFT_HELP = "folder with native SFT files"
-
-
-def _phases(upto: int) -> tuple[Input, ...]:
-    """The trained phases a step reads from train.output_dir (in KFP: their adapter artifacts)."""
-    return tuple(Input(f"phase{n}", f"train_phase{n}", "adapter", option=None) for n in range(1, upto))
-
-
-def _registered(option: str) -> Input:
-    """The version `register` wrote (its registration.json); on the command line any model URI."""
-    return Input(
-        "registration",
-        "register",
-        "registration",
-        option=option,
-        help="models:/<name>@<alias>, models:/<name>/<version>, @<alias> (registry.model_name), a registration.json "
-        "(the version `register` wrote), a run or an export folder",
-        cli="required",
-    )
 
 
 def _train(n: int) -> Step:
@@ -45,10 +34,10 @@ def _train(n: int) -> Step:
         "Several processes: torchrun --nproc_per_node N -m defectvlm train --phase 1",
         (
             Option("--phase", type=int, choices=(1, 2, 3), required=True),
-            Input("conversations", "sft", "conversations", ("train.jsonl", "val.jsonl"), help=_SFT_HELP),
+            Input("conversations", "sft", "conversations", ("train.jsonl", "val.jsonl"), help=SFT_HELP),
             Option("--resume", "continue from the phase's last checkpoint", switch=True),
             Option("--no-tracking", "do not log to MLflow", switch=True),
-            *_phases(n),
+            *trained_phases(n),
             Output(
                 "adapter",
                 f"${{train.output_dir}}/phase{n}",
@@ -66,22 +55,6 @@ def _train(n: int) -> Step:
             "train", gpu=True, retry=False, run_folder=True, launcher=True, resume_marker="checkpoints/latest"
         ),
     )
-
-
-_EVALUATION_FILES = (
-    File("predictions.jsonl"),
-    File("inference.json"),
-    File("report.md", cache=False),
-    File("gallery"),
-    File("metrics.json", "metrics", cache=False),
-    *(File(f"plots/{p}.png", "plots", cache=False) for p in ("pr_curve", "roc_curve", "score_histogram")),
-    File("plots/confusion_matrix.png", "plots", cache=False),
-)
-_SPLIT_FILES = ("train.jsonl", "val.jsonl", "test.jsonl")
-
-
-def _split_outputs(name: str, path: str, summary: str) -> Output:
-    return Output(name, path, f"output folder (default: {path})", tuple(File(f) for f in (*_SPLIT_FILES, summary)))
 
 
 STEPS: dict[str, Step] = {
@@ -134,7 +107,7 @@ STEPS: dict[str, Step] = {
             "manifest -> train/val/test by group, stable under data growth, no leakage.",
             (
                 Input("ingested", "ingest", "ingested", ("manifest.jsonl",), help="folder with manifest.jsonl"),
-                _split_outputs("splits", "data/02_split", "split_report.json"),
+                split_outputs("splits", "data/02_split", "split_report.json"),
             ),
             ("split",),
             (*reads.CORE, reads.SRC + "data/split.py", reads.SRC + "seeding.py"),
@@ -145,8 +118,8 @@ STEPS: dict[str, Step] = {
             run.regions,
             "splits -> ROI candidates with negatives and decoys, in the model's frame.",
             (
-                Input("splits", "split", "splits", _SPLIT_FILES, help="folder with the split files"),
-                _split_outputs("candidates", "data/03_regions", "regions_summary.json"),
+                Input("splits", "split", "splits", SPLIT_FILES, help="folder with the split files"),
+                split_outputs("candidates", "data/03_regions", "regions_summary.json"),
             ),
             ("regions", "model.family", "model.min_pixels", "model.max_pixels", *reads.OUT_OF_FOLD_KEYS),
             reads.REGIONS_CODE,
@@ -158,8 +131,8 @@ STEPS: dict[str, Step] = {
             run.build_sft,
             "regions -> SFT conversations (native; ms-swift/LLaMA-Factory/YOLO export).",
             (
-                Input("candidates", "regions", "candidates", _SPLIT_FILES, help="folder with the region files"),
-                _split_outputs("conversations", "data/04_sft", "sft_summary.json"),
+                Input("candidates", "regions", "candidates", SPLIT_FILES, help="folder with the region files"),
+                split_outputs("conversations", "data/04_sft", "sft_summary.json"),
                 Option(
                     "--format",
                     "sets sft.format",
@@ -191,14 +164,12 @@ STEPS: dict[str, Step] = {
                     "sft",
                     "conversations",
                     ("val.jsonl", "test.jsonl", "sft_summary.json"),
-                    help=_SFT_HELP,
+                    help=SFT_HELP,
                 ),
-                Output(
-                    "reports", "reports", "output folder (default: reports)", _EVALUATION_FILES, artifact="Artifact"
-                ),
+                Output("reports", "reports", "output folder (default: reports)", EVALUATION_FILES, artifact="Artifact"),
                 Option("--no-baseline", "skip evaluating the untrained base", switch=True),
                 Option("--no-tracking", "do not log to the phase's MLflow run", switch=True),
-                *_phases(4),
+                *trained_phases(4),
             ),
             ("model", "train.output_dir", *reads.PHASES_ENABLED),
             (
@@ -260,15 +231,7 @@ STEPS: dict[str, Step] = {
             (
                 Option("--run", "runs/phaseN or 'last' (the last enabled phase)", default="last"),
                 Input("splits", "split", "splits", ("val.jsonl", "test.jsonl"), help="folder with val/test.jsonl"),
-                Input(
-                    "proposal_detector",
-                    "train_detector",
-                    "detector_run",
-                    option="--detector",
-                    help="models:/<name>@<alias>, a train-detector folder, or an ONNX file; default: "
-                    "models:/<registry.model_name>-detector@candidate",
-                    cli="optional",
-                ),
+                proposal_detector(),
                 Output(
                     "cascade",
                     "reports/cascade",
@@ -281,7 +244,7 @@ STEPS: dict[str, Step] = {
                     ),
                     artifact="Artifact",
                 ),
-                *_phases(4),
+                *trained_phases(4),
             ),
             ("train.output_dir", *reads.PHASES_ENABLED, *reads.PROPOSAL_KEYS, "regions.min_box_size"),
             (
@@ -324,7 +287,7 @@ STEPS: dict[str, Step] = {
                     metadata="registration.json",
                     result=True,
                 ),
-                *_phases(4),
+                *trained_phases(4),
             ),
             (*reads.DATA_KEYS, "registry.model_name", "tracking", "train.output_dir", *reads.PHASES_ENABLED),
             (
@@ -347,7 +310,7 @@ STEPS: dict[str, Step] = {
             "(boxes .jsonl, a folder of YOLO prediction .txt files, or a Label Studio .json export) or "
             "--proposals detector; without either, a grid of windows the size of the median training defect.",
             (
-                _registered("--model"),
+                registered_model("--model"),
                 Input(
                     "images",
                     "split",
@@ -376,16 +339,7 @@ STEPS: dict[str, Step] = {
                     choices=("detector",),
                     group="regions",
                 ),
-                Input(
-                    "proposal_detector",
-                    "train_detector",
-                    "detector_run",
-                    option="--detector",
-                    help="with --proposals detector: models:/<name>@<alias>, a train-detector folder, or an ONNX "
-                    "file (ours or an Ultralytics YOLO export); default: models:/<registry.model_name>-detector"
-                    "@candidate",
-                    cli="optional",
-                ),
+                proposal_detector("with --proposals detector: "),
                 Option("--threshold", "override the model's threshold (chosen on val)", type=float),
                 Option("--batch-size", default=8, type=int),
                 Option("--device", "cpu, cuda, cuda:1 ... (default: cuda when available)"),
@@ -404,7 +358,7 @@ STEPS: dict[str, Step] = {
             "Merge a model into a plain Hugging Face checkpoint (+ defectvlm.json) and prove it scores like "
             "base+adapter.",
             (
-                _registered("--model"),
+                registered_model("--model"),
                 Output(
                     "exported",
                     "exports/candidate",
@@ -425,7 +379,7 @@ STEPS: dict[str, Step] = {
             run.deploy,
             "KServe InferenceService YAML for the registered version and its export (vLLM variant).",
             (
-                _registered("--model"),
+                registered_model("--model"),
                 Input("exported", "export", "exported", option="--export-uri", uri=True),
                 Output("deployment", "deploy", "output folder", artifact="Artifact"),
             ),

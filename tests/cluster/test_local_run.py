@@ -55,7 +55,7 @@ def test_local_pipeline_run_prepares_the_same_data_as_the_cli_trains_evaluates_a
     assert str(candidate.version) == str(registration["version"]) and candidate.run_id == registration["run_id"]
     metrics = read_json(outputs / "evaluate" / "reports" / "metrics.json")
     assert metrics["split"] == "test" and metrics["run"].endswith("phase3")
-    cascade = read_json(outputs / "evaluate_cascade" / "cascade" / "cascade_metrics.json")  # its own component
+    cascade = read_json(outputs / "evaluate-cascade" / "cascade" / "cascade_metrics.json")  # its own component
     assert cascade["split"] == "test" and cascade["images"] == len(
         read_jsonl(outputs / "split" / "splits" / "test.jsonl")
     )

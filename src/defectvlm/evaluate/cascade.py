@@ -152,6 +152,7 @@ def _gallery(test: dict, detector_t: float, cascade_t: float, folder: Path) -> d
             if judged[i].score < cascade_t:
                 kind = "defects_wrongly_removed" if hit else "false_alarms_removed"
                 found[kind].append((det[i].score, path, det[i]))
+    folder.mkdir(parents=True, exist_ok=True)  # there, empty, when the VLM removed nothing (a DVC output)
     written: dict[str, list[str]] = {}
     for kind, items in found.items():
         items.sort(key=lambda item: (-item[0], item[1], tuple(item[2].xyxy)))
