@@ -2,7 +2,7 @@
 wrapped for each phase, and its trainable parameters counted per group.
 
 The sizes are the published config.json values (Qwen2-VL-7B-Instruct, Qwen2.5-VL-7B-Instruct,
-Qwen3-VL-8B-Instruct, InternVL3-8B-hf) that decide parameter shapes; README's table is this
+Qwen3-VL-8B-Instruct, InternVL3-8B-hf) that decide parameter shapes; the table in docs/training.md is this
 module's output:
 
     python -m defectvlm.models.sizes

@@ -2,7 +2,7 @@
 templates and the real Qwen2.5-VL processor classes around it, with either random weights
 (`tiny` / `tiny-random`, `build_tiny`) or weights pretrained on a generic image-text corpus
 (`tiny-pretrained`, `load_pretrained_tiny`: the files `python -m defectvlm.models.pretrain_tiny`
-writes into the package, models/tiny_pretrained/; see README "Learning proof").
+writes into the package, models/tiny_pretrained/; see docs/evaluation.md, "Learning proof").
 
 Everything is derived from fixed seeds and files in the package, so both are the same model
 on every machine. Small enough to train on 2 CPU cores.
